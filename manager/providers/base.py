@@ -1,0 +1,101 @@
+"""The seam between the manager and a place that rents machines (Vast.ai, AWS EC2 Spot, local processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class ProviderStatus(StrEnum):
+    """What the provider says of an instance, normalised across providers."""
+
+    PROVISIONING = "provisioning"  # rented, not yet running (Vast: null/created/loading; EC2: pending)
+    RUNNING = "running"
+    STOPPED = "stopped"  # not running but may still bill (Vast: stopped/outbid, storage billed)
+    DEAD = "dead"  # will never run again (Vast: exited/unknown/offline, OCI errors; EC2: terminated)
+    GONE = "gone"  # destroyed / no longer listed
+
+
+@dataclass(frozen=True)
+class Offer:
+    provider: str
+    offer_id: str
+    gpu_name: str
+    num_gpus: int
+    vram_mb: int  # per GPU
+    dph: float  # $/hour total, as it would bill (for bids: the bid we would place)
+    interruptible: bool
+    min_bid: float | None = None
+    machine_id: str | None = None
+    reliability: float | None = None
+    verified: bool | None = None
+    inet_down_mbps: float | None = None
+    disk_gb: float | None = None
+    cuda: float | None = None
+    location: str | None = None
+
+
+@dataclass(frozen=True)
+class OfferFilter:
+    gpu_names: tuple[str, ...] = ()  # empty: any
+    min_vram_mb: int = 0
+    max_dph: float | None = None
+    min_reliability: float | None = None
+    verified_only: bool = True
+    min_inet_down_mbps: float | None = None
+    min_disk_gb: float = 50
+    min_cuda: float | None = None
+    locations: tuple[str, ...] = ()  # country codes; empty: any
+    interruptible: bool = True
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    label: str  # our label, e.g. "gpuq:<deployment>:<queue>"; reconciliation lists by it
+    image: str
+    disk_gb: int
+    onstart: str  # the small bootstrap stub (Vast: <= 4048 characters)
+    env: dict[str, str] = field(default_factory=dict)
+    bid_price: float | None = None  # interruptible rent when set; on-demand when None
+
+
+@dataclass(frozen=True)
+class ProviderInstance:
+    provider: str
+    provider_id: str
+    label: str
+    status: ProviderStatus
+    raw_status: str | None
+    dph: float | None
+    machine_id: str | None = None
+    gpu_name: str | None = None
+    started_at: datetime | None = None
+    status_msg: str | None = None
+
+
+class ProviderError(Exception):
+    """A provider call failed. `retryable` when it may go through later (429, 5xx, offer taken)."""
+
+    def __init__(self, message: str, *, retryable: bool = False, provider_id: str | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.provider_id = provider_id  # set when a failed create still left an instance to destroy
+
+
+class Provider(Protocol):
+    name: str
+
+    def search_offers(self, filters: OfferFilter) -> list[Offer]: ...
+
+    def create(self, offer: Offer, spec: LaunchSpec) -> str:
+        """Rent `offer`; return the provider's instance id. On failure raise ProviderError, after destroying
+        anything the failed call left billing."""
+
+    def list_instances(self, label_prefix: str) -> list[ProviderInstance]:
+        """Every instance of ours (label starting with label_prefix), all pages."""
+
+    def destroy(self, provider_id: str) -> None:
+        """Ask the provider to destroy; the caller verifies by listing again."""

@@ -1,0 +1,1 @@
+"""Where outputs go and inputs come from. One file per storage kind, each a `Storage`."""
