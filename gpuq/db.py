@@ -1,0 +1,51 @@
+"""Connections: the server at DATABASE_URL, or an embedded Postgres (the `pgserver` wheel) by default."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from gpuq.settings import Settings
+
+log = logging.getLogger("gpuq.db")
+
+Connection = psycopg.Connection[dict[str, Any]]
+
+
+def redact(url: str) -> str:
+    """A database URL fit for logs: the password replaced."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def embedded_url(settings: Settings) -> str:
+    """Start (or join) the embedded Postgres under data_dir/pgdata and answer its URL.
+
+    pgserver keeps one server per data directory and stops it when the last process using it exits.
+    """
+    import pgserver  # imported here: only the embedded default needs it
+
+    pgdata = settings.data_dir / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings)
+
+
+def connect(url: str, settings: Settings, *, autocommit: bool = True) -> Connection:
+    """One connection as gpuq uses them: autocommit (each SQL function is its own transaction), rows as
+    dicts, and no prepared statements through a transaction pooler (they break there)."""
+    conn = psycopg.connect(
+        url,
+        autocommit=autocommit,
+        row_factory=dict_row,
+        prepare_threshold=None if settings.transaction_pooler else 5,
+        application_name="gpuq",
+    )
+    return conn
