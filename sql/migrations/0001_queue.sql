@@ -194,11 +194,16 @@ create trigger jobs_notify_enqueued after insert on gpuq.jobs
 ---------------------------------------------------------------------------------------------------
 -- Small internals shared by the transitions.
 
--- Exponential backoff with equal jitter: attempt n waits between d/2 and d, d = min(10 s * 2^(n-1), 1 h).
+-- Exponential backoff with equal jitter: attempt n waits between d/2 and d, d = min(base * 2^(n-1), max).
+-- base and max are settings an operator may change per database or role, e.g.
+--   alter database app set gpuq.retry_base_seconds = 30;
+-- (defaults 10 s and 3600 s).
 create function gpuq.retry_delay(p_attempts_used integer) returns interval
 language sql volatile as $$
     select make_interval(secs => d / 2 + random() * d / 2)
-      from (select least(3600.0, 10.0 * power(2, greatest(p_attempts_used, 1) - 1)) as d) as x
+      from (select least(coalesce(nullif(current_setting('gpuq.retry_max_seconds', true), '')::float8, 3600),
+                         coalesce(nullif(current_setting('gpuq.retry_base_seconds', true), '')::float8, 10)
+                         * power(2, greatest(p_attempts_used, 1) - 1)) as d) as x
 $$;
 
 create function gpuq._notify_finished(p_id bigint, p_status gpuq.job_status, p_queue text) returns void

@@ -1,0 +1,425 @@
+"""The thin client over gpuq's SQL functions: the only Python that touches the jobs table.
+
+Every state change is one call to one function in sql/. This module adds types, error mapping and
+waiting (LISTEN with a polling fallback); it decides nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from gpuq.db import Connection, connect
+from gpuq.settings import Settings
+
+log = logging.getLogger("gpuq.client")
+
+FINISHED = ("succeeded", "failed", "cancelled")
+JOBS_CHANNEL = "gpuq_jobs"  # payload: queue name; sent on enqueue and whenever a job is queued again
+DONE_CHANNEL = "gpuq_done"  # payload: {"id", "status", "queue"}; sent when a job finishes
+PROGRESS_CHANNEL = "gpuq_progress"  # payload: {"id", "progress", "message"}
+
+
+class GpuqError(Exception):
+    """A request gpuq refused, with Postgres's own words for why."""
+
+
+class InvalidRequest(GpuqError):
+    """Bad input: a malformed queue name, a payload that is not an object, an absurd value..."""
+
+
+class JobNotFound(GpuqError):
+    pass
+
+
+class NotHeld(GpuqError):
+    """The worker no longer holds that (job_id, attempt): its lease passed and another took the job."""
+
+
+_BY_SQLSTATE: dict[str, type[GpuqError]] = {
+    "GQ400": InvalidRequest,
+    "GQ404": JobNotFound,
+    "GQ409": NotHeld,
+    "23514": InvalidRequest,  # check_violation: the constraint's name says what is wrong
+    "23502": InvalidRequest,  # not_null_violation
+    "23505": InvalidRequest,  # unique_violation: e.g. a live job with that idempotency key
+    "22P02": InvalidRequest,  # invalid_text_representation: e.g. malformed JSON
+    "22003": InvalidRequest,  # numeric_value_out_of_range
+}
+
+
+@contextmanager
+def sql_errors() -> Iterator[None]:
+    """Turn gpuq's refusals into GpuqError subclasses; let everything else (connection loss...) through."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        kind = _BY_SQLSTATE.get(exc.sqlstate or "")
+        if kind is None:
+            raise
+        diag = exc.diag
+        message = diag.message_primary or str(exc)
+        if diag.constraint_name and diag.constraint_name not in message:
+            message += f" ({diag.constraint_name})"
+        if diag.message_hint:
+            message += f"; {diag.message_hint}"
+        raise kind(message) from exc
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    queue: str
+    payload: dict[str, Any]
+    priority: int
+    run_after: datetime
+    max_attempts: int
+    timeout_seconds: int
+    min_vram_mb: int
+    idempotency_key: str | None
+    status: str
+    attempt: int
+    releases: int
+    instance_id: int | None
+    lease_expires_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+    progress: int | None
+    progress_message: str | None
+    result: dict[str, Any] | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    cancel: list[tuple[int, int]]  # (job_id, attempt): cancellation requested
+    timeout: list[tuple[int, int]]  # ran past its timeout
+    lost: list[tuple[int, int]]  # no longer held by this worker
+    drain: bool  # claim nothing more
+    shutdown: bool  # the instance is terminated or lost
+
+
+@dataclass(frozen=True)
+class Notification:
+    channel: str
+    payload: str
+
+
+class Listener:
+    """LISTEN on gpuq's channels with reconnect; through a transaction pooler it only sleeps, so
+    callers fall back to polling without knowing the difference."""
+
+    def __init__(self, url: str, settings: Settings, channels: Sequence[str]) -> None:
+        self.url = url
+        self.settings = settings
+        self.channels = list(channels)
+        self._conn: Connection | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return not self.settings.transaction_pooler
+
+    def _connect(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.url, self.settings)
+            for channel in self.channels:
+                conn.execute(psycopg.sql.SQL("listen {}").format(psycopg.sql.Identifier(channel)))
+            self._conn = conn
+        return self._conn
+
+    def start(self) -> None:
+        """Listen now, so nothing sent between this call and the first wait() is missed."""
+        if self.enabled:
+            self._connect()
+
+    def wait(self, timeout: float) -> list[Notification]:
+        """Notifications that arrive within `timeout` seconds (returning at the first); [] on timeout."""
+        if not self.enabled:
+            time.sleep(timeout)
+            return []
+        try:
+            conn = self._connect()
+            got = [Notification(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
+            if got:  # take whatever else is already here without waiting
+                got += [Notification(n.channel, n.payload) for n in conn.notifies(timeout=0)]
+            return got
+        except psycopg.OperationalError as exc:
+            log.warning("gpuq: lost the LISTEN connection (%s); reconnecting", exc)
+            self.close()
+            time.sleep(min(timeout, 1.0))
+            return []
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+def _json(value: dict[str, Any] | None) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
+
+
+class Client:
+    """gpuq's SQL API from Python. One connection, autocommit: each call is one transaction."""
+
+    def __init__(self, conn: Connection, url: str, settings: Settings) -> None:
+        self.conn = conn
+        self.url = url
+        self.settings = settings
+
+    @classmethod
+    def connect(cls, url: str, settings: Settings | None = None) -> Client:
+        settings = settings or Settings.from_env()
+        return cls(connect(url, settings), url, settings)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with sql_errors():
+            cur = self.conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    # --- apps -------------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        queue: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        run_after: datetime | None = None,
+        max_attempts: int = 3,
+        timeout_seconds: int = 3600,
+        min_vram_mb: int = 0,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Queue a job; answers its id (the live job's id when the idempotency key is already live)."""
+        if payload is not None and not isinstance(payload, dict):
+            raise InvalidRequest(f"payload must be a JSON object, got {type(payload).__name__}")
+        rows = self._call(
+            "select gpuq.enqueue(%s, %s, %s, %s, %s, %s, %s, %s) as id",
+            (queue, _json(payload or {}), priority, run_after, max_attempts, timeout_seconds, min_vram_mb,
+             idempotency_key),
+        )
+        return int(rows[0]["id"])
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel: queued jobs at once, running ones through their worker. Answers the status now."""
+        return str(self._call("select gpuq.cancel_job(%s) as s", (job_id,))[0]["s"])
+
+    def retry(self, job_id: int) -> None:
+        self._call("select gpuq.retry_job(%s)", (job_id,))
+
+    def get(self, job_id: int) -> Job:
+        rows = self._call("select * from gpuq.jobs where id = %s", (job_id,))
+        if not rows:
+            raise JobNotFound(f"job {job_id} does not exist")
+        return Job.from_row(rows[0])
+
+    def list_jobs(self, *, queue: str | None = None, status: str | None = None, limit: int = 50) -> list[Job]:
+        rows = self._call(
+            """select * from gpuq.jobs
+                where (%(queue)s::text is null or queue = %(queue)s)
+                  and (%(status)s::text is null or status = %(status)s::gpuq.job_status)
+                order by id desc limit %(limit)s""",
+            {"queue": queue, "status": status, "limit": limit},
+        )
+        return [Job.from_row(r) for r in rows]
+
+    def history(self, job_id: int) -> list[dict[str, Any]]:
+        return self._call("select * from gpuq.job_history(%s)", (job_id,))
+
+    def wait(
+        self,
+        job_id: int,
+        timeout: float | None = None,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Block until the job finishes (LISTEN, polling as a fallback); answers the finished job.
+        on_progress is called with the job whenever its progress changes. Raises TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = Listener(self.url, self.settings, [DONE_CHANNEL, PROGRESS_CHANNEL])
+        listener.start()  # before the first read, so a finish in between is not missed
+        seen: tuple[int | None, str | None, str] | None = None
+        try:
+            while True:
+                job = self.get(job_id)
+                state = (job.progress, job.progress_message, job.status)
+                if on_progress is not None and state != seen:
+                    on_progress(job)
+                seen = state
+                if job.finished:
+                    return job
+                left = self.settings.poll_seconds if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
+                listener.wait(min(left, self.settings.poll_seconds))
+        finally:
+            listener.close()
+
+    # --- workers ----------------------------------------------------------------------------------
+
+    def register_instance(
+        self,
+        provider: str,
+        provider_instance_id: str | None = None,
+        *,
+        gpu_name: str | None = None,
+        gpu_count: int | None = None,
+        vram_mb: int | None = None,
+        queues: Sequence[str] = (),
+        backends: Sequence[str] = (),
+        max_concurrency: int = 1,
+        version: str | None = None,
+        hostname: str | None = None,
+    ) -> int:
+        rows = self._call(
+            "select gpuq.register_instance(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) as id",
+            (provider, provider_instance_id, gpu_name, gpu_count, vram_mb, list(queues), list(backends),
+             max_concurrency, version, hostname),
+        )
+        return int(rows[0]["id"])
+
+    def claim(
+        self,
+        instance_id: int,
+        queues: Sequence[str],
+        limit: int = 1,
+        *,
+        vram_mb: int | None = None,
+        lease_seconds: int | None = None,
+    ) -> list[Job]:
+        rows = self._call(
+            "select * from gpuq.claim_jobs(%s, %s, %s, %s, %s)",
+            (instance_id, list(queues), limit, vram_mb, lease_seconds or self.settings.lease_seconds),
+        )
+        jobs = [Job.from_row(r) for r in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.run_after, j.id))
+        return jobs
+
+    def heartbeat(
+        self,
+        instance_id: int,
+        held: Sequence[tuple[int, int]] = (),
+        metrics: dict[str, Any] | None = None,
+        *,
+        lease_seconds: int | None = None,
+    ) -> HeartbeatReply:
+        rows = self._call(
+            "select * from gpuq.heartbeat(%s, %s, %s, %s, %s)",
+            (instance_id, [j for j, _ in held], [a for _, a in held], _json(metrics),
+             lease_seconds or self.settings.lease_seconds),
+        )
+        by_action: dict[str, list[tuple[int, int]]] = {"cancel": [], "timeout": [], "lost": []}
+        flags = set()
+        for row in rows:
+            if row["job_id"] is None:
+                flags.add(row["action"])
+            else:
+                by_action[row["action"]].append((int(row["job_id"]), int(row["attempt"])))
+        return HeartbeatReply(
+            cancel=by_action["cancel"],
+            timeout=by_action["timeout"],
+            lost=by_action["lost"],
+            drain="drain" in flags,
+            shutdown="shutdown" in flags,
+        )
+
+    def progress(self, job_id: int, attempt: int, percent: int, message: str | None = None) -> None:
+        self._call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
+
+    def complete(self, job_id: int, attempt: int, result: dict[str, Any] | None = None) -> None:
+        """Mark the attempt succeeded. Raises NotHeld if the lease passed and another took the job."""
+        self._call("select gpuq.complete_job(%s, %s, %s)", (job_id, attempt, _json(result or {})))
+
+    def complete_many(self, done: Sequence[tuple[int, int, dict[str, Any] | None]]) -> list[int]:
+        """Complete several attempts in one transaction; answers the job ids no longer held."""
+        rows = self._call(
+            "select * from gpuq.complete_jobs(%s, %s, %s::jsonb[])",
+            ([j for j, _, _ in done], [a for _, a, _ in done],
+             [None if r is None else json.dumps(r) for _, _, r in done]),
+        )
+        return [int(r["job_id"]) for r in rows if not r["completed"]]
+
+    def fail(
+        self,
+        job_id: int,
+        attempt: int,
+        error_code: str,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> str:
+        """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
+        rows = self._call(
+            "select gpuq.fail_job(%s, %s, %s, %s, %s, %s) as s",
+            (job_id, attempt, str(error_code), message, retryable, _json(details)),
+        )
+        return str(rows[0]["s"])
+
+    def release(self, instance_id: int, job_ids: Sequence[int] | None = None) -> int:
+        rows = self._call(
+            "select gpuq.release_jobs(%s, %s) as n", (instance_id, None if job_ids is None else list(job_ids))
+        )
+        return int(rows[0]["n"])
+
+    def drain_instance(self, instance_id: int, reason: str | None = None) -> None:
+        self._call("select gpuq.drain_instance(%s, %s)", (instance_id, reason))
+
+    def deregister_instance(self, instance_id: int, reason: str = "worker exited") -> int:
+        return int(self._call("select gpuq.deregister_instance(%s, %s) as n", (instance_id, reason))[0]["n"])
+
+    # --- operators --------------------------------------------------------------------------------
+
+    def reap_expired(self) -> int:
+        return int(self._call("select gpuq.reap_expired() as n")[0]["n"])
+
+    def prune(self, older_than_seconds: float, batch: int = 10000) -> int:
+        """Delete finished jobs older than that, in batches; answers how many went."""
+        total = 0
+        while True:
+            rows = self._call(
+                "select gpuq.prune_jobs(make_interval(secs => %s), %s) as n", (older_than_seconds, batch)
+            )
+            total += int(rows[0]["n"])
+            if rows[0]["n"] < batch:
+                return total
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        return self._call("select * from gpuq.queue_stats()")
+
+    def instance_stats(self, tz: str = "UTC") -> list[dict[str, Any]]:
+        return self._call("select * from gpuq.instance_stats(%s)", (tz,))
+
+    def failure_stats(self, since_seconds: float = 86400) -> list[dict[str, Any]]:
+        return self._call("select * from gpuq.failure_stats(make_interval(secs => %s))", (since_seconds,))
