@@ -226,9 +226,19 @@ class Client:
         if payload is not None and not isinstance(payload, dict):
             raise InvalidRequest(f"payload must be a JSON object, got {type(payload).__name__}")
         rows = self._call(
-            "select gpuq.enqueue(%s, %s, %s, %s, %s, %s, %s, %s) as id",
-            (queue, _json(payload or {}), priority, run_after, max_attempts, timeout_seconds, min_vram_mb,
-             idempotency_key),
+            "select gpuq.enqueue(%s::text, %s::jsonb, %s::integer, %s::timestamptz, %s::integer, "
+            "%s::integer, "
+            "%s::integer, %s::text) as id",
+            (
+                queue,
+                _json(payload or {}),
+                priority,
+                run_after,
+                max_attempts,
+                timeout_seconds,
+                min_vram_mb,
+                idempotency_key,
+            ),
         )
         return int(rows[0]["id"])
 
@@ -304,8 +314,18 @@ class Client:
     ) -> int:
         rows = self._call(
             "select gpuq.register_instance(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) as id",
-            (provider, provider_instance_id, gpu_name, gpu_count, vram_mb, list(queues), list(backends),
-             max_concurrency, version, hostname),
+            (
+                provider,
+                provider_instance_id,
+                gpu_name,
+                gpu_count,
+                vram_mb,
+                list(queues),
+                list(backends),
+                max_concurrency,
+                version,
+                hostname,
+            ),
         )
         return int(rows[0]["id"])
 
@@ -336,8 +356,13 @@ class Client:
     ) -> HeartbeatReply:
         rows = self._call(
             "select * from gpuq.heartbeat(%s, %s, %s, %s, %s)",
-            (instance_id, [j for j, _ in held], [a for _, a in held], _json(metrics),
-             lease_seconds or self.settings.lease_seconds),
+            (
+                instance_id,
+                [j for j, _ in held],
+                [a for _, a in held],
+                _json(metrics),
+                lease_seconds or self.settings.lease_seconds,
+            ),
         )
         by_action: dict[str, list[tuple[int, int]]] = {"cancel": [], "timeout": [], "lost": []}
         flags = set()
@@ -365,8 +390,11 @@ class Client:
         """Complete several attempts in one transaction; answers the job ids no longer held."""
         rows = self._call(
             "select * from gpuq.complete_jobs(%s, %s, %s::jsonb[])",
-            ([j for j, _, _ in done], [a for _, a, _ in done],
-             [None if r is None else json.dumps(r) for _, _, r in done]),
+            (
+                [j for j, _, _ in done],
+                [a for _, a, _ in done],
+                [None if r is None else json.dumps(r) for _, _, r in done],
+            ),
         )
         return [int(r["job_id"]) for r in rows if not r["completed"]]
 

@@ -62,7 +62,7 @@ def test_scheduled_job_waits_for_run_after(client: Client, instance: int) -> Non
 def test_retryable_failure_backs_off_then_fails_after_max_attempts(client: Client, instance: int) -> None:
     client.conn.execute("set gpuq.retry_base_seconds = 0.4")
     job_id = client.enqueue("q", {}, max_attempts=2)
-    [job] = client.claim(instance, ["q"], 1)
+    client.claim(instance, ["q"], 1)
     before = datetime.now(UTC)
     assert client.fail(job_id, 1, "GPU_OOM", "CUDA out of memory", details={"traceback": "tb"}) == "queued"
     queued = client.get(job_id)
@@ -226,7 +226,9 @@ def test_deregister_releases_held_jobs(client: Client, instance: int) -> None:
     client.claim(instance, ["q"], 1)
     assert client.deregister_instance(instance, "sigterm") == 1
     assert client.get(job_id).status == "queued"
-    row = client.conn.execute("select status, end_reason from gpuq.instances where id = %s", (instance,)).fetchone()
+    row = client.conn.execute(
+        "select status, end_reason from gpuq.instances where id = %s", (instance,)
+    ).fetchone()
     assert row == {"status": "terminated", "end_reason": "sigterm"}
 
 
@@ -256,7 +258,9 @@ def test_prune_deletes_old_finished_jobs_and_keeps_the_rest(client: Client, inst
     assert left.fetchone() == {"n": 0}
 
 
-def test_notify_once_per_insert_statement_and_on_finish(client: Client, instance: int, settings: Settings) -> None:
+def test_notify_once_per_insert_statement_and_on_finish(
+    client: Client, instance: int, settings: Settings
+) -> None:
     listener = Listener(client.url, settings, ["gpuq_jobs", "gpuq_done"])
     listener.start()
     try:
@@ -310,7 +314,11 @@ def test_stats_report_depth_outcomes_and_failures(client: Client) -> None:
     assert stats["other"]["queued"] == 1 and stats["q"]["run_p50"] is not None
     assert stats["q"]["wait_p50"] is not None and stats["other"]["oldest_wait"] is not None
     [failure] = client.failure_stats()
-    assert (failure["error_code"], failure["failed"], failure["last_message"]) == ("INPUT_INVALID", 1, "bad image")
+    assert (failure["error_code"], failure["failed"], failure["last_message"]) == (
+        "INPUT_INVALID",
+        1,
+        "bad image",
+    )
     [vast] = client.instance_stats()
     assert vast["provider"] == "vast" and (vast["live"], vast["busy"]) == (1, 1)
 
@@ -321,7 +329,9 @@ def test_instance_stats_spend_today_is_price_times_hours_rented_today(client: Cl
         """insert into gpuq.instances (provider, provider_instance_id, status, dph, created_at)
            values ('vast', 'c-9', 'busy', 0.5, now() - interval '2 hours')"""
     )
-    row = client.conn.execute("select now() - date_trunc('day', now() at time zone 'UTC') at time zone 'UTC' as d")
+    row = client.conn.execute(
+        "select now() - date_trunc('day', now() at time zone 'UTC') at time zone 'UTC' as d"
+    )
     since_midnight = row.fetchone()["d"]  # type: ignore[index]
     hours_today = min(2.0, since_midnight.total_seconds() / 3600)
     [vast] = client.instance_stats()

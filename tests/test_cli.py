@@ -1,0 +1,102 @@
+"""The `gpuq` command, as a person runs it: against the test database, and on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gpuq.client import Client
+
+ROOT = Path(__file__).parent.parent
+
+
+def gpuq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuq.cli", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_every_command() -> None:
+    out = gpuq("--help", env={}).stdout
+    for command in ("migrate", "submit", "show", "list", "cancel", "retry", "stats", "prune"):
+        assert command in out
+
+
+def test_submit_wait_shows_progress_and_result(client: Client) -> None:
+    env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
+    instance = client.register_instance("manual", None, queues=["cli"])
+
+    def work() -> None:
+        while not (jobs := client.claim(instance, ["cli"], 1)):
+            time.sleep(0.05)
+        client.progress(jobs[0].id, jobs[0].attempt, 40, "denoising")
+        time.sleep(0.5)
+        client.complete(jobs[0].id, jobs[0].attempt, {"outputs": ["file:///tmp/out.png"]})
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    done = gpuq("submit", "cli", '{"prompt": "a cat"}', "--wait", "--wait-timeout", "30s", env=env)
+    thread.join()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    job_id = int(lines[0])
+    assert any(f"job {job_id} [cli] running 40% denoising" in line for line in lines)
+    assert any("succeeded" in line for line in lines)
+    assert json.loads("\n".join(lines[lines.index("{") :])) == {"outputs": ["file:///tmp/out.png"]}
+
+    shown = gpuq("show", str(job_id), env=env)
+    assert '"prompt": "a cat"' in shown.stdout and "succeeded" in shown.stdout
+
+
+def test_bad_input_is_a_clear_error_and_exit_2(client: Client) -> None:
+    env = {"DATABASE_URL": client.url}
+    bad = gpuq("submit", "Bad Queue", "{}", env=env)
+    assert bad.returncode == 2 and "queue_must_be_a_lowercase_name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    not_json = gpuq("submit", "q", "{oops", env=env)
+    assert not_json.returncode != 0 and "not valid JSON" in not_json.stderr
+    missing = gpuq("cancel", "987654", env=env)
+    assert missing.returncode == 2 and "job 987654 does not exist" in missing.stderr
+    assert client.list_jobs() == []
+
+
+def test_cancel_retry_list_and_stats(client: Client) -> None:
+    env = {"DATABASE_URL": client.url}
+    job_id = client.enqueue("ops", {})
+    assert "cancelled" in gpuq("cancel", str(job_id), env=env).stdout
+    assert "queued again" in gpuq("retry", str(job_id), env=env).stdout
+    assert client.get(job_id).status == "queued"
+    listed = gpuq("list", "--queue", "ops", env=env).stdout
+    assert str(job_id) in listed and "queued" in listed
+    stats = gpuq("stats", env=env)
+    assert stats.returncode == 0 and "ops" in stats.stdout
+
+
+def test_unmigrated_database_says_to_migrate(tmp_path: Path) -> None:
+    from tests.conftest import create_database, drop_database
+
+    url = create_database("gpuq_cli_empty")
+    try:
+        out = gpuq("list", env={"DATABASE_URL": url})
+        assert out.returncode != 0 and "run `gpuq migrate` first" in out.stderr
+    finally:
+        drop_database(url)
+
+
+def test_embedded_postgres_is_the_default_without_database_url(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": "", "GPUQ_DATA_DIR": str(tmp_path / "data")}
+    submitted = gpuq("submit", "demo", '{"n": 1}', env=env, timeout=180)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    listed = gpuq("list", env=env, timeout=180)
+    assert job_id in listed.stdout and "demo" in listed.stdout
+    assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()

@@ -1,0 +1,85 @@
+"""Real processes, real kills: several claimers share a queue; a killed worker's job is finished elsewhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpuq.client import Client, NotHeld
+
+CLAIMER = str(Path(__file__).parent / "procs" / "claimer.py")
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+
+def test_many_processes_claim_thousands_of_jobs_each_exactly_once(client: Client) -> None:
+    total = 3000
+    client.conn.execute(
+        "insert into gpuq.jobs (queue, payload) select 'bulk', jsonb_build_object('n', g) "
+        "from generate_series(1, %s) g",
+        (total,),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, CLAIMER, client.url, "bulk", "drain", str(batch)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for batch in (1, 5, 10, 25)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+
+    claims = [tuple(map(int, line.split())) for out in outputs for line in out.splitlines()]
+    claimed_ids = [job_id for job_id, _ in claims]
+    assert len(claimed_ids) == total and len(set(claimed_ids)) == total  # nobody claimed a job twice
+    assert {attempt for _, attempt in claims} == {1}
+    assert all(len(out.splitlines()) > 0 for out in outputs)  # every process took part
+    row = client.conn.execute(
+        "select count(*) filter (where status = 'succeeded') as ok, count(*) as n from gpuq.jobs"
+    ).fetchone()
+    assert row == {"ok": total, "n": total}
+    events = client.conn.execute(
+        "select count(*) as n from gpuq.job_events where event = 'succeeded'"
+    ).fetchone()
+    assert events == {"n": total}
+
+
+def test_a_worker_killed_mid_job_loses_its_job_to_another_which_finishes_it(client: Client) -> None:
+    job_id = client.enqueue("crash", {"work": "long"})
+    victim = subprocess.Popen(
+        [sys.executable, CLAIMER, client.url, "crash", "hang", "1", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert victim.stdout is not None
+    line = victim.stdout.readline()
+    assert line.split() == [str(job_id), "1"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    assert client.get(job_id).status == "running"  # nobody said goodbye
+
+    time.sleep(2.2)  # past the 2 s lease
+    rescuer = subprocess.run(
+        [sys.executable, CLAIMER, client.url, "crash", "drain", "1", "30"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert rescuer.returncode == 0, rescuer.stderr
+    assert rescuer.stdout.split() == [str(job_id), "2"]
+
+    job = client.get(job_id)
+    assert (job.status, job.attempt) == ("succeeded", 2)
+    with pytest.raises(NotHeld):
+        client.complete(job_id, 1, {"late": "from the dead attempt"})
+    assert client.get(job_id).result != {"late": "from the dead attempt"}
+    assert [e["event"] for e in client.history(job_id)] == ["lease_expired", "succeeded"]
