@@ -279,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the embedded server's start/stop chatter is not for users
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
     settings = Settings.from_env()
     try:
         return int(args.func(args, settings))
