@@ -1,0 +1,325 @@
+"""fetch_input against real servers on 127.0.0.1 (http, moto's S3, the Supabase stand-in) and output_key."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from tests.standins.supabase_storage import SupabaseStorageStandIn
+from worker.errors import ErrorCode, JobError
+from worker.inputs import fetch_input, output_key
+from worker.storage.s3 import S3Storage
+from worker.storage.supabase import SupabaseStorage
+
+BODY = bytes(range(256)) * 64  # 16 KiB
+LIMIT = 1 << 20
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    stop: threading.Event
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _head(self, status: int, length: int | None = None, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path.endswith(".bin"):
+            self._head(200, len(BODY))
+            self.wfile.write(BODY)
+        elif path == "/redirect":
+            self._head(302, 0, {"Location": "/moved/avatar.bin"})
+        elif path == "/big-declared":  # says it is large up front
+            self._head(200, 10 * LIMIT)
+            self.wfile.write(b"x" * 1024)
+        elif path == "/big-undeclared":  # no Content-Length: only counting catches it
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for _ in range(LIMIT // 65536 + 4):
+                self.wfile.write(b"y" * 65536)
+        elif path in ("/missing", "/forbidden", "/error", "/unavailable", "/busy"):
+            status = {"/missing": 404, "/forbidden": 403, "/error": 500, "/unavailable": 503, "/busy": 429}
+            self._head(status[path], 5)
+            self.wfile.write(b"nope\n")
+        elif path == "/stall":  # headers, then silence
+            self._head(200, len(BODY))
+            self.wfile.flush()
+            self.stop.wait(10)
+        elif path == "/trickle":  # a byte at a time, each within the read timeout
+            self._head(200, 1000)
+            for _ in range(1000):
+                if self.stop.wait(0.05):
+                    return
+                self.wfile.write(b"z")
+                self.wfile.flush()
+        else:
+            self._head(404, 0)
+
+
+@pytest.fixture(scope="module")
+def http_url() -> Iterator[str]:
+    stop = threading.Event()
+
+    class Handler(_Handler):
+        pass
+
+    Handler.stop = stop
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    stop.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "GPUQ_S3_ENDPOINT_URL",
+        "AWS_REGION",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SUPABASE_URL", raising=False)
+    monkeypatch.delenv("SUPABASE_SERVICE_ROLE_KEY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def supa() -> Iterator[SupabaseStorageStandIn]:
+    with SupabaseStorageStandIn() as standin:
+        standin.create_bucket("inputs")
+        yield standin
+
+
+def fetch(ref: str, dest: Path, **kwargs: object) -> Path:
+    options: dict = {"max_bytes": LIMIT, "timeout_s": 5.0, **kwargs}
+    return fetch_input(ref, dest, **options)
+
+
+def fails(code: ErrorCode, ref: str, dest: Path, **kwargs: object) -> JobError:
+    with pytest.raises(JobError) as info:
+        fetch(ref, dest, **kwargs)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+# -- http(s)
+
+
+def test_http_fetch(http_url: str, tmp_path: Path) -> None:
+    got = fetch(f"{http_url}/files/avatar.bin?v=2", tmp_path / "in")
+    assert got == tmp_path / "in" / "avatar.bin"
+    assert got.read_bytes() == BODY
+    # Two inputs with the same name both survive.
+    second = fetch(f"{http_url}/other/avatar.bin", tmp_path / "in")
+    assert second == tmp_path / "in" / "avatar-1.bin"
+    assert second.read_bytes() == BODY
+
+
+def test_http_follows_redirects(http_url: str, tmp_path: Path) -> None:
+    assert fetch(f"{http_url}/redirect", tmp_path).read_bytes() == BODY
+
+
+def test_http_size_limits(http_url: str, tmp_path: Path) -> None:
+    err = fails(ErrorCode.INPUT_INVALID, f"{http_url}/big-declared", tmp_path)
+    assert not err.retryable
+    fails(ErrorCode.INPUT_INVALID, f"{http_url}/big-undeclared", tmp_path)
+    fails(ErrorCode.INPUT_INVALID, f"{http_url}/files/avatar.bin", tmp_path, max_bytes=len(BODY) - 1)
+    assert list(tmp_path.iterdir()) == []  # no partial files left behind
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/missing", ErrorCode.INPUT_INVALID),
+        ("/forbidden", ErrorCode.INPUT_INVALID),
+        ("/error", ErrorCode.INPUT_FETCH_FAILED),
+        ("/unavailable", ErrorCode.INPUT_FETCH_FAILED),
+        ("/busy", ErrorCode.INPUT_FETCH_FAILED),
+    ],
+)
+def test_http_status_codes(http_url: str, tmp_path: Path, path: str, code: ErrorCode) -> None:
+    err = fails(code, f"{http_url}{path}", tmp_path)
+    assert err.retryable == (code == ErrorCode.INPUT_FETCH_FAILED)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_stalled_server_times_out(http_url: str, tmp_path: Path) -> None:
+    start = time.monotonic()
+    err = fails(ErrorCode.INPUT_FETCH_FAILED, f"{http_url}/stall", tmp_path, timeout_s=0.5)
+    assert time.monotonic() - start < 3
+    assert err.retryable
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_trickling_server_hits_the_deadline(http_url: str, tmp_path: Path) -> None:
+    start = time.monotonic()
+    fails(ErrorCode.INPUT_FETCH_FAILED, f"{http_url}/trickle", tmp_path, timeout_s=0.6)
+    assert time.monotonic() - start < 3
+
+
+def test_http_unreachable_and_signature_not_in_message(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x.png?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAEXAMPLE"
+    err = fails(ErrorCode.INPUT_FETCH_FAILED, url, tmp_path)
+    assert err.retryable
+    assert "s3cr3tsig" not in str(err)
+    assert "AKIAEXAMPLE" not in str(err)
+    assert err.__cause__ is None and err.__suppress_context__
+
+
+def test_http_error_message_hides_query(http_url: str, tmp_path: Path) -> None:
+    err = fails(ErrorCode.INPUT_FETCH_FAILED, f"{http_url}/error?token=s3cr3t", tmp_path)
+    assert "s3cr3t" not in str(err)
+    assert "/error" in str(err)
+
+
+# -- local paths
+
+
+def test_local_paths(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "voice ref.wav"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    got = fetch(str(src), tmp_path / "job")
+    assert got == tmp_path / "job" / "voice_ref.wav"
+    assert got.read_bytes() == BODY
+    assert fetch(src.as_uri(), tmp_path / "job").read_bytes() == BODY
+
+    fails(ErrorCode.INPUT_INVALID, str(src), tmp_path / "job2", max_bytes=len(BODY) - 1)
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src" / "absent.wav"), tmp_path / "job2")
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src"), tmp_path / "job2")  # a directory
+    fails(ErrorCode.INPUT_INVALID, "src/voice.wav", tmp_path / "job2")  # relative: ambiguous
+    fails(ErrorCode.INPUT_INVALID, "file://otherhost/etc/hosts", tmp_path / "job2")
+
+
+@pytest.mark.parametrize("ref", ["ftp://host/x.png", "data:image/png;base64,AAAA", "gs://b/x.png"])
+def test_unknown_schemes(tmp_path: Path, ref: str) -> None:
+    assert not fails(ErrorCode.INPUT_INVALID, ref, tmp_path).retryable
+
+
+# -- s3:// and supabase:// through the storage kinds
+
+
+def test_s3_inputs(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = f"in-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="refs/garment.png", Body=BODY)
+
+    storages = {"s3": S3Storage("outputs-bucket", endpoint_url=moto_endpoint)}
+    got = fetch(f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages)
+    assert (got.name, got.read_bytes()) == ("garment.png", BODY)
+    fails(ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/none.png", tmp_path, storages=storages)
+    fails(
+        ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages, max_bytes=100
+    )
+
+    # With no storage given, one is built from the environment.
+    monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_endpoint)
+    assert fetch(f"s3://{bucket}/refs/garment.png", tmp_path / "env").read_bytes() == BODY
+
+
+def test_supabase_inputs(
+    supa: SupabaseStorageStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = SupabaseStorage(supa.url, supa.service_role_key, "inputs")
+    src = tmp_path / "avatar.png"
+    src.write_bytes(BODY)
+    storage.put("users/1/avatar.png", src, "image/png")
+
+    got = fetch("supabase://inputs/users/1/avatar.png", tmp_path / "job", storages={"supabase": storage})
+    assert (got.name, got.read_bytes()) == ("avatar.png", BODY)
+    fails(
+        ErrorCode.INPUT_INVALID,
+        "supabase://inputs/users/1/none.png",
+        tmp_path,
+        storages={"supabase": storage},
+    )
+    supa.fail_next(503)
+    err = fails(
+        ErrorCode.INPUT_FETCH_FAILED,
+        "supabase://inputs/users/1/avatar.png",
+        tmp_path,
+        storages={"supabase": storage},
+    )
+    assert err.retryable
+
+    # Unconfigured: the payload asks for something this worker cannot read.
+    fails(ErrorCode.INPUT_INVALID, "supabase://inputs/users/1/avatar.png", tmp_path / "x")
+    monkeypatch.setenv("SUPABASE_URL", supa.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", supa.service_role_key)
+    assert fetch("supabase://inputs/users/1/avatar.png", tmp_path / "env").read_bytes() == BODY
+
+
+# -- output keys
+
+
+def test_output_key() -> None:
+    now = datetime(2026, 11, 22, 10, 30, tzinfo=UTC)
+    assert output_key("tts", 123, "out.wav", now) == "tts/2026-11-22/123/out.wav"
+    # The date is UTC's: 01:00 in Madrid on the 23rd is still the 22nd.
+    madrid = datetime(2026, 11, 23, 0, 30, tzinfo=timezone(timedelta(hours=1)))
+    assert output_key("tryon", 5, "a.png", madrid) == "tryon/2026-11-22/5/a.png"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("dir\\evil.png", "evil.png"),
+        ("my image (1).png", "my_image_1_.png"),
+        (".hidden", "hidden"),
+        ("", "output"),
+        ("..", "output"),
+        ("ñandú.wav", "_and_.wav"),
+    ],
+)
+def test_output_key_sanitises_names(name: str, expected: str) -> None:
+    key = output_key("q", 1, name, datetime(2026, 1, 2, tzinfo=UTC))
+    assert key == f"q/2026-01-02/1/{expected}"
+
+
+def test_output_key_sanitises_queue() -> None:
+    assert output_key("../x y", 9, "o.png", datetime(2026, 1, 2, tzinfo=UTC)) == "x_y/2026-01-02/9/o.png"

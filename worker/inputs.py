@@ -1,0 +1,131 @@
+"""Fetching a job's inputs (http(s), s3://, supabase://, local paths) and naming its outputs."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+import requests
+import urllib3
+
+from worker.errors import ErrorCode, JobError
+from worker.storage import storage_from_url
+from worker.storage.base import Storage
+from worker.storage.local import LocalStorage
+
+CHUNK = 256 * 1024
+_RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, default: str = "file") -> str:
+    """A plain file name: path separators and odd characters become "_", no leading dots, <= 200 chars."""
+    name = _UNSAFE.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
+    return name[-200:] or default
+
+
+def output_key(queue: str, job_id: int, name: str, now: datetime) -> str:
+    """The storage key of one output: "queue/YYYY-MM-DD/job_id/name", the date in UTC."""
+    if now.tzinfo is not None:
+        now = now.astimezone(UTC)
+    return f"{safe_name(queue, 'default')}/{now:%Y-%m-%d}/{job_id}/{safe_name(name, 'output')}"
+
+
+def _unique_dest(dest_dir: Path, name: str) -> Path:
+    """dest_dir/name, or name-1, name-2, ... when a job fetches two inputs with the same name."""
+    dest = dest_dir / name
+    stem, suffix = dest.stem, dest.suffix
+    n = 1
+    while dest.exists():
+        dest = dest_dir / f"{stem}-{n}{suffix}"
+        n += 1
+    return dest
+
+
+def fetch_input(
+    ref: str,
+    dest_dir: Path,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    storages: Mapping[str, Storage] | None = None,
+) -> Path:
+    """Fetch the input `ref` names into `dest_dir` and return the local file.
+
+    s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
+    environment when none is given. Raises JobError: INPUT_INVALID (unknown scheme, not found,
+    refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
+    """
+    ref = ref.strip()
+    parts = urlsplit(ref)
+    scheme = parts.scheme.lower()
+    name = safe_name(unquote(PurePosixPath(parts.path).name), "input")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = _unique_dest(dest_dir, name)
+
+    if scheme in ("http", "https"):
+        return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s)
+    if scheme in ("", "file"):
+        storage: Storage = (storages or {}).get("file") or LocalStorage()
+        return storage.get(ref, dest, max_bytes)
+    if scheme in ("s3", "supabase"):
+        if not parts.netloc:
+            raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
+        found = (storages or {}).get(scheme)
+        if found is None:
+            try:
+                found = storage_from_url(f"{scheme}://{parts.netloc}")
+            except ValueError as e:
+                raise JobError(ErrorCode.INPUT_INVALID, f"cannot read {scheme}:// inputs: {e}") from e
+        return found.get(ref, dest, max_bytes)
+    raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
+
+
+def _redact(text: str, url: str) -> str:
+    """`text` without the URL's query and user info: a presigned URL's signature is a credential."""
+    parts = urlsplit(url)
+    if parts.query:
+        text = text.replace(parts.query, "…")
+    if "@" in parts.netloc:
+        text = text.replace(parts.netloc.rsplit("@", 1)[0], "…")
+    return text
+
+
+def _fetch_http(url: str, dest: Path, *, max_bytes: int, timeout_s: float) -> Path:
+    shown = _redact(url, url)
+    # requests' timeout bounds each connect and each read; the deadline bounds the whole transfer,
+    # so a server that trickles bytes cannot hold the job forever.
+    deadline = time.monotonic() + timeout_s
+    try:
+        with requests.get(url, stream=True, timeout=(timeout_s, timeout_s)) as r:
+            if r.status_code >= 500 or r.status_code in _RETRYABLE_HTTP:
+                raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"GET {shown}: HTTP {r.status_code}")
+            if r.status_code >= 400:
+                raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: HTTP {r.status_code}")
+            length = r.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise JobError(ErrorCode.INPUT_INVALID, f"{shown} is {length} bytes, over {max_bytes}")
+            written = 0
+            with dest.open("wb") as f:
+                # read1 returns what has arrived, so a trickle cannot stall us between deadline checks;
+                # decoded bytes count toward the limit, so a small gzip bomb cannot slip past it.
+                while chunk := r.raw.read1(CHUNK, decode_content=True):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise JobError(ErrorCode.INPUT_INVALID, f"{shown} is over {max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"GET {shown}: over {timeout_s:g}s")
+                    f.write(chunk)
+    except JobError:
+        dest.unlink(missing_ok=True)
+        raise
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+        dest.unlink(missing_ok=True)
+        code = ErrorCode.INPUT_INVALID if isinstance(e, requests.exceptions.InvalidURL) else None
+        # `from None`: the requests exception's text holds the full URL, signature included.
+        raise JobError(code or ErrorCode.INPUT_FETCH_FAILED, f"GET {shown}: {_redact(str(e), url)}") from None
+    return dest
