@@ -1,0 +1,467 @@
+"""Vast.ai through the `vastai` SDK: interruptible (explicit bid) and on-demand rents.
+
+Facts this relies on, read from the vastai 1.9.1 source:
+- search_offers -> POST /api/v0/bundles/ with the query dict, `type`, `order`, `limit`, `allocated_storage`.
+- create_instance -> PUT /api/v0/asks/{offer}/ ; `price` null rents on-demand, a number rents a bid.
+- show_instances_v1 -> GET /api/v1/instances/?select_filters=&order_by=&limit=&after_token= (paged).
+- show_instance -> GET /api/v0/instances/{id}/?owner=me ; destroy_instance -> DELETE /api/v0/instances/{id}/.
+- Every call ends in `raise_for_status()`, so 4xx/5xx surface as requests.HTTPError with the response.
+- The client retries 429/502/503/504 itself with 0.15 s, 0.225 s ... sleeps. We build it with retry=1
+  (one attempt per call) and retry here instead, so every attempt passes our per-endpoint pacing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import requests
+from vastai import VastAI
+
+from manager.providers.base import (
+    LaunchSpec,
+    Offer,
+    OfferFilter,
+    ProviderError,
+    ProviderInstance,
+    ProviderStatus,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Vast's per-IP limits (calls, seconds). Creates closer than ~4.5 s apart are refused.
+DEFAULT_LIMITS: dict[str, tuple[int, float]] = {
+    "search": (10, 60.0),
+    "create": (1, 4.5),
+    "list": (1, 1.0),
+    "show": (1, 2.0),
+    "destroy": (1, 3.0),
+}
+
+ONSTART_MAX = 4048
+LABEL_MAX = 256
+ENV_VALUE_MAX = 256
+DEAD_ACTUAL = {"exited", "unknown", "offline"}
+OFFER_GONE_ERRORS = {"no_such_ask"}
+
+
+class RateLimiter:
+    """At most `calls` per `seconds` for each endpoint, waiting with the injected sleep."""
+
+    def __init__(
+        self,
+        limits: dict[str, tuple[int, float]],
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self._limits = limits
+        self._clock = clock
+        self._sleep = sleep
+        self._sent: dict[str, deque[float]] = {k: deque() for k in limits}
+
+    def wait(self, endpoint: str) -> None:
+        calls, per_s = self._limits[endpoint]
+        sent = self._sent[endpoint]
+        while True:
+            now = self._clock()
+            while sent and now - sent[0] >= per_s:
+                sent.popleft()
+            if len(sent) < calls:
+                sent.append(now)
+                return
+            self._sleep(sent[0] + per_s - now)
+
+
+class VastProvider:
+    name = "vast"
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        server_url: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        search_ttl_s: float = 60.0,
+        bid_margin: float = 0.10,
+        max_attempts: int = 5,
+        backoff_s: float = 2.0,
+        backoff_max_s: float = 60.0,
+        limits: dict[str, tuple[int, float]] | None = None,
+        runtype: str = "ssh_direc ssh_proxy",
+        http_timeout_s: float = 60.0,
+    ) -> None:
+        if not api_key:
+            raise ValueError("a Vast API key is required")
+        self._sdk = VastAI(api_key=api_key, server_url=server_url, retry=1)
+        self._sdk.client.timeout = http_timeout_s
+        self._secret = api_key
+        self._clock = clock
+        self._sleep = sleep
+        self._limiter = RateLimiter(limits or DEFAULT_LIMITS, clock, sleep)
+        self._search_ttl_s = search_ttl_s
+        self._bid_margin = bid_margin
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+        self._runtype = runtype
+        self._cache: dict[OfferFilter, tuple[float, list[Offer]]] = {}
+
+    def __repr__(self) -> str:  # never the key
+        return f"VastProvider(server_url={self._sdk.client.server_url!r})"
+
+    # ------------------------------------------------------------------ search
+    def search_offers(self, filters: OfferFilter) -> list[Offer]:
+        cached = self._cache.get(filters)
+        if cached is not None and self._clock() - cached[0] < self._search_ttl_s:
+            return list(cached[1])
+        query = self._query(filters)
+        rows = self._call(
+            "search",
+            lambda: self._sdk.search_offers(
+                query=query,
+                type="bid" if filters.interruptible else "on-demand",
+                order="dph_total",
+                limit=filters.limit,
+                storage=filters.min_disk_gb,
+                no_default=True,  # our query carries every filter, defaults included
+            ),
+        )
+        offers = []
+        for row in rows or []:
+            offer = self._offer(row, filters.interruptible)
+            if offer is not None and self._keep(offer, filters):
+                offers.append(offer)
+        offers.sort(key=lambda o: o.dph)
+        self._cache[filters] = (self._clock(), offers)
+        return list(offers)
+
+    def _query(self, f: OfferFilter) -> dict[str, Any]:
+        q: dict[str, Any] = {
+            "external": {"eq": False},
+            "rentable": {"eq": True},
+            "rented": {"eq": False},
+            "disk_space": {"gte": f.min_disk_gb},
+        }
+        if f.verified_only:
+            q["verified"] = {"eq": True}
+        if f.gpu_names:
+            # The API spells names with spaces ("RTX 4090"); the CLI's underscores are a CLI-only form.
+            q["gpu_name"] = {"in": [n.replace("_", " ") for n in f.gpu_names]}
+        if f.min_vram_mb:
+            q["gpu_ram"] = {"gte": f.min_vram_mb}  # MB per GPU
+        if f.max_dph is not None and not f.interruptible:
+            q["dph_total"] = {"lte": f.max_dph}
+        if f.min_reliability is not None:
+            q["reliability"] = {"gte": f.min_reliability}
+        if f.min_inet_down_mbps is not None:
+            q["inet_down"] = {"gte": f.min_inet_down_mbps}
+        if f.min_cuda is not None:
+            q["cuda_max_good"] = {"gte": f.min_cuda}
+        if f.locations:
+            q["geolocation"] = {"in": list(f.locations)}
+        return q
+
+    def _offer(self, row: dict[str, Any], interruptible: bool) -> Offer | None:
+        try:
+            on_demand = float(row["dph_total"])
+            min_bid = float(row["min_bid"]) if row.get("min_bid") is not None else None
+            if interruptible:
+                if min_bid is None:
+                    return None
+                # Bid a little over the minimum so the first higher bid does not stop us at once,
+                # and never more than on-demand would cost.
+                dph = round(min(min_bid * (1 + self._bid_margin), on_demand), 4)
+            else:
+                dph = on_demand
+            verification = row.get("verification")
+            return Offer(
+                provider=self.name,
+                offer_id=str(row["id"]),
+                gpu_name=str(row.get("gpu_name") or ""),
+                num_gpus=int(row.get("num_gpus") or 1),
+                vram_mb=int(row.get("gpu_ram") or 0),
+                dph=dph,
+                interruptible=interruptible,
+                min_bid=min_bid,
+                machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
+                reliability=_float(row.get("reliability")),
+                verified=(verification == "verified") if verification is not None else row.get("verified"),
+                inet_down_mbps=_float(row.get("inet_down")),
+                disk_gb=_float(row.get("disk_space")),
+                cuda=_float(row.get("cuda_max_good")),
+                location=_country(row.get("geolocation")),
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("vast: skipping an offer with an unexpected shape (id %s)", row.get("id"))
+            return None
+
+    @staticmethod
+    def _keep(o: Offer, f: OfferFilter) -> bool:
+        """The server filtered already; this re-checks what the server cannot (the bid we would place)."""
+        if f.max_dph is not None and o.dph > f.max_dph:
+            return False
+        if f.locations and o.location not in f.locations:
+            return False
+        return o.vram_mb >= f.min_vram_mb
+
+    def _forget_offer(self, offer_id: str) -> None:
+        for key, (t, offers) in list(self._cache.items()):
+            self._cache[key] = (t, [o for o in offers if o.offer_id != offer_id])
+
+    # ------------------------------------------------------------------ create
+    def create(self, offer: Offer, spec: LaunchSpec) -> str:
+        self._check_spec(offer, spec)
+        price = spec.bid_price if offer.interruptible else None
+        try:
+            answer = self._call(
+                "create",
+                lambda: self._sdk.create_instance(
+                    id=int(offer.offer_id),
+                    image=spec.image,
+                    disk=spec.disk_gb,
+                    env=dict(spec.env),
+                    price=price,  # explicit: a bid stays a bid, never a silent on-demand rent
+                    label=spec.label,
+                    onstart_cmd=spec.onstart,
+                    runtype=self._runtype,
+                    # Refuse rather than leave a stopped instance when it cannot be scheduled.
+                    cancel_unavail=True,
+                ),
+                retry_5xx=False,  # a 5xx may still have rented; reconciliation finds it by label
+            )
+        except _HTTPFailure as e:
+            self._forget_offer(offer.offer_id)
+            leftover = _contract(e.body)
+            if leftover is not None:
+                self._destroy_leftover(leftover, e.message)
+            gone = e.status in (404, 410) or _error_code(e.body) in OFFER_GONE_ERRORS
+            raise ProviderError(
+                f"{e.message} (offer {offer.offer_id})",
+                retryable=gone or e.retryable,
+                provider_id=leftover,
+            ) from None
+
+        self._forget_offer(offer.offer_id)
+        contract = _contract(answer)
+        if not isinstance(answer, dict) or answer.get("success") is False or contract is None:
+            if contract is not None:
+                self._destroy_leftover(contract, "create answered without success")
+            raise ProviderError(
+                f"vast create on offer {offer.offer_id} failed: {_describe(answer)}",
+                retryable=False,
+                provider_id=contract,
+            )
+        if price is not None:
+            self._verify_bid(contract, price)
+        return contract
+
+    def _check_spec(self, offer: Offer, spec: LaunchSpec) -> None:
+        if offer.provider != self.name:
+            raise ProviderError(f"offer {offer.offer_id} is from {offer.provider}, not vast")
+        if offer.interruptible and spec.bid_price is None:
+            # Without a price Vast rents on-demand at full price, silently.
+            raise ProviderError(f"offer {offer.offer_id} is interruptible but the launch has no bid_price")
+        if not offer.interruptible and spec.bid_price is not None:
+            raise ProviderError(f"offer {offer.offer_id} is on-demand but the launch carries a bid_price")
+        if spec.bid_price is not None and offer.min_bid is not None and spec.bid_price < offer.min_bid:
+            raise ProviderError(
+                f"bid {spec.bid_price} is below the offer's minimum {offer.min_bid}", retryable=True
+            )
+        if len(spec.onstart) > ONSTART_MAX:
+            raise ProviderError(f"onstart is {len(spec.onstart)} characters; Vast takes {ONSTART_MAX}")
+        if len(spec.label) > LABEL_MAX:
+            raise ProviderError(f"label is longer than {LABEL_MAX} characters")
+        long_env = sorted(k for k, v in spec.env.items() if len(v) > ENV_VALUE_MAX)
+        if long_env:
+            raise ProviderError(f"env values longer than {ENV_VALUE_MAX} characters: {', '.join(long_env)}")
+
+    def _verify_bid(self, contract: str, bid: float) -> None:
+        """Check from the provider's own record that we got a bid rent, not an on-demand one."""
+        try:
+            row = self._call("show", lambda: self._sdk.show_instance(id=int(contract)))
+        except (_HTTPFailure, ProviderError) as e:
+            # Rented as asked, per the answer; the listing on the next tick is the backstop.
+            log.warning("vast: could not re-read instance %s after create: %s", contract, e)
+            return
+        if not row:
+            log.warning("vast: instance %s not shown right after create", contract)
+            return
+        dph = _float(row.get("dph_total"))
+        # dph_total of a bid rent is the bid plus storage; on-demand bills the full ask. The slack
+        # covers storage without letting an on-demand price through.
+        is_bid = row.get("is_bid")
+        if is_bid is False or (dph is not None and dph > bid + max(0.05, 0.15 * bid)):
+            self._destroy_leftover(contract, f"billed {dph}/h, not the bid {bid}/h")
+            raise ProviderError(
+                f"vast instance {contract} billed {dph}/h on a bid of {bid}/h (on-demand?); destroyed",
+                provider_id=contract,
+            )
+
+    def _destroy_leftover(self, contract: str, why: str) -> None:
+        log.warning("vast: destroying instance %s left by a failed create (%s)", contract, why)
+        try:
+            self.destroy(contract)
+        except ProviderError as e:
+            log.error("vast: could not destroy leftover instance %s: %s", contract, e)
+
+    # ------------------------------------------------------------------ list / destroy
+    def list_instances(self, label_prefix: str) -> list[ProviderInstance]:
+        # The v1 list filters labels by equality only, so page through all and match the prefix here.
+        params: dict[str, Any] = {
+            "select_filters": {},
+            "order_by": [{"col": "id", "dir": "asc"}],
+            "limit": 25,
+        }
+        found: list[ProviderInstance] = []
+        seen_tokens: set[str] = set()
+        while True:
+            page = self._call("list", lambda: self._sdk.show_instances_v1(dict(params)))
+            if not isinstance(page, dict):
+                raise ProviderError(f"vast list answered {_describe(page)}", retryable=True)
+            for row in page.get("instances") or []:
+                label = row.get("label") or ""
+                if label.startswith(label_prefix):
+                    found.append(self._instance(row))
+            token = page.get("next_token")
+            if not token or token in seen_tokens:
+                return found
+            seen_tokens.add(token)
+            params["after_token"] = token
+
+    def _instance(self, row: dict[str, Any]) -> ProviderInstance:
+        start = _float(row.get("start_date"))
+        return ProviderInstance(
+            provider=self.name,
+            provider_id=str(row["id"]),
+            label=row.get("label") or "",
+            status=map_status(row),
+            raw_status=_raw_status(row),
+            dph=_float(row.get("dph_total")),
+            machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
+            gpu_name=row.get("gpu_name"),
+            started_at=datetime.fromtimestamp(start, UTC) if start else None,
+            status_msg=row.get("status_msg"),
+        )
+
+    def destroy(self, provider_id: str) -> None:
+        try:
+            answer = self._call("destroy", lambda: self._sdk.destroy_instance(id=int(provider_id)))
+        except _HTTPFailure as e:
+            if e.status == 404 or _error_code(e.body) == "no_such_instance":
+                return  # already gone
+            raise ProviderError(f"{e.message} (instance {provider_id})", retryable=e.retryable) from None
+        if isinstance(answer, dict) and answer.get("success") is False:
+            if _error_code(answer) == "no_such_instance":
+                return
+            raise ProviderError(f"vast destroy {provider_id} failed: {_describe(answer)}", retryable=True)
+
+    # ------------------------------------------------------------------ transport
+    def _call(self, endpoint: str, fn: Callable[[], T], *, retry_5xx: bool = True) -> T:
+        """One SDK call, paced per endpoint, retried with backoff on 429, 5xx and connection errors."""
+        for attempt in range(self._max_attempts):
+            self._limiter.wait(endpoint)
+            last = attempt == self._max_attempts - 1
+            try:
+                return fn()
+            except requests.HTTPError as e:
+                failure = _HTTPFailure.of(endpoint, e, self._secret)
+                quota = failure.status == 429 and _error_code(failure.body) == "search_quota_exceeded"
+                transient = failure.status == 429 or (failure.status >= 500 and retry_5xx)
+                if quota or not transient or last:
+                    raise failure from None
+                log.info("vast %s: HTTP %s, retrying", endpoint, failure.status)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if last or not retry_5xx:
+                    raise ProviderError(
+                        f"vast {endpoint}: {type(e).__name__} talking to the API", retryable=True
+                    ) from None
+                log.info("vast %s: %s, retrying", endpoint, type(e).__name__)
+            except (KeyError, TypeError, ValueError) as e:
+                # The SDK post-processes answers (start_date arithmetic, extra_env); a shape it
+                # does not expect lands here.
+                raise ProviderError(f"vast {endpoint}: unexpected answer ({type(e).__name__})") from None
+            self._sleep(min(self._backoff_max_s, self._backoff_s * 2**attempt))
+        raise AssertionError("unreachable")
+
+
+class _HTTPFailure(ProviderError):
+    """An HTTP error answer, with its status and JSON body (internal; callers see ProviderError)."""
+
+    def __init__(self, message: str, status: int, body: Any) -> None:
+        super().__init__(message, retryable=status == 429 or status >= 500)
+        self.message = message
+        self.status = status
+        self.body = body
+
+    @classmethod
+    def of(cls, endpoint: str, e: requests.HTTPError, secret: str) -> _HTTPFailure:
+        resp = e.response
+        status = resp.status_code if resp is not None else 0
+        try:
+            body = resp.json() if resp is not None else None
+        except ValueError:
+            body = None
+        message = f"vast {endpoint}: HTTP {status} {_describe(body)}".replace(secret, "***")
+        return cls(message, status, body)
+
+
+def map_status(row: dict[str, Any]) -> ProviderStatus:
+    actual = row.get("actual_status")
+    cur, nxt, intended = row.get("cur_state"), row.get("next_state"), row.get("intended_status")
+    msg = (row.get("status_msg") or "").lower()
+    if "oci runtime create failed" in msg or actual in DEAD_ACTUAL:
+        return ProviderStatus.DEAD
+    if actual in ("stopped", "frozen"):
+        return ProviderStatus.STOPPED
+    if cur == nxt == intended == "stopped":
+        return ProviderStatus.STOPPED  # outbid (or stopped) before it ever ran
+    if actual == "running":
+        return ProviderStatus.STOPPED if cur == "stopped" else ProviderStatus.RUNNING
+    # null, created, loading, rebooting, or a state we do not know yet: the ready timeout decides.
+    return ProviderStatus.PROVISIONING
+
+
+def _raw_status(row: dict[str, Any]) -> str:
+    return (
+        f"{row.get('actual_status') or 'null'} (cur={row.get('cur_state')}, next={row.get('next_state')}, "
+        f"intended={row.get('intended_status')})"
+    )
+
+
+def _contract(answer: Any) -> str | None:
+    if isinstance(answer, dict) and answer.get("new_contract") not in (None, "", 0):
+        return str(answer["new_contract"])
+    return None
+
+
+def _error_code(body: Any) -> str | None:
+    return body.get("error") if isinstance(body, dict) else None
+
+
+def _describe(body: Any) -> str:
+    if isinstance(body, dict):
+        parts = [str(body[k]) for k in ("error", "msg", "message", "detail") if body.get(k)]
+        if parts:
+            return ": ".join(parts)[:300]
+    return "(no error detail)" if body is None else str(body)[:300]
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _country(geo: Any) -> str | None:
+    # Vast writes "Spain, ES": the country code is the last two letters, as the SDK's georegion code reads it.
+    if isinstance(geo, str) and len(geo.strip()) >= 2:
+        return geo.strip()[-2:]
+    return None
