@@ -209,6 +209,12 @@ def test_reap_requeues_expired_leases(client: Client, instance: int) -> None:
     job = client.get(job_id)
     assert (job.status, job.instance_id, job.attempt) == ("queued", None, 1)
     assert client.queue_stats()[0]["queued"] == 1
+    [event] = client.history(job_id)
+    assert (event["event"], event["instance_id"], event["error_code"]) == (
+        "lease_expired",
+        instance,
+        "LEASE_EXPIRED",
+    )
 
 
 def test_heartbeat_tells_a_draining_or_terminated_instance(client: Client, instance: int) -> None:

@@ -126,22 +126,22 @@ create table gpuq.jobs (
 
 -- The claim path: only queued rows, in claim order. Finished history never enters this index.
 create index jobs_claim_idx on gpuq.jobs (queue, priority desc, run_after, id) where status = 'queued';
--- Expired leases, looked up by the claim and by reap.
+-- Running jobs by lease: expired leases for the claim and reap; a heartbeat's jobs (few per instance).
 create index jobs_lease_idx on gpuq.jobs (lease_expires_at) where status = 'running';
-create index jobs_running_instance_idx on gpuq.jobs (instance_id) where status = 'running';
 create index jobs_finished_idx on gpuq.jobs (finished_at) where finished_at is not null;
-create index jobs_started_idx on gpuq.jobs (started_at) where started_at is not null;
 -- No two live jobs share an idempotency key; a plain INSERT of a duplicate fails on this index's name.
 create unique index jobs_live_idempotency_key on gpuq.jobs (idempotency_key)
     where idempotency_key is not null and status in ('queued', 'running');
 
--- Append-only history: one row per ended attempt and per notable event.
+-- Append-only history: one row per attempt that did not end in success, and per notable event. The
+-- successful attempt is the job row itself (instance_id, started_at, finished_at), so the hot path of a
+-- healthy queue writes no history row; job_history() shows both.
 create table gpuq.job_events (
     id          bigint generated always as identity primary key,
     job_id      bigint not null references gpuq.jobs (id) on delete cascade,
     attempt     integer not null,
     event       text not null constraint event_must_be_known check (event in (
-                    'succeeded', 'failed', 'retry_scheduled', 'lease_expired', 'released',
+                    'failed', 'retry_scheduled', 'lease_expired', 'released',
                     'cancel_requested', 'cancelled', 'retried')),
     at          timestamptz not null default now(),
     instance_id bigint references gpuq.instances (id) on delete set null,
@@ -262,6 +262,37 @@ begin
     return n;
 end $$;
 
+-- Put running jobs whose lease expired back in the queue, as claimable as they were when the lease
+-- ran out (run_after = that moment, for wait stats); each leaves a lease_expired event naming the
+-- instance that went silent. Run after _end_expired, which ends those that must not run again.
+create function gpuq._requeue_expired(p_queues text[]) returns integer
+language plpgsql as $$
+declare
+    n integer;
+begin
+    with expired as (
+        select id, instance_id from gpuq.jobs
+         where status = 'running' and lease_expires_at < now()
+           and (p_queues is null or queue = any (p_queues))
+           and attempt - releases < max_attempts and cancel_requested_at is null
+         for update skip locked
+    ), requeued as (
+        update gpuq.jobs j
+           set status = 'queued', run_after = j.lease_expires_at, lease_expires_at = null, instance_id = null,
+               error_code = 'LEASE_EXPIRED', error_message = 'the worker went silent'
+          from expired
+         where j.id = expired.id
+        returning j.id, j.attempt, j.queue, j.started_at, expired.instance_id
+    ), logged as (
+        insert into gpuq.job_events (job_id, attempt, event, instance_id, started_at, error_code, message)
+        select id, attempt, 'lease_expired', instance_id, started_at, 'LEASE_EXPIRED',
+               'the worker went silent; queued again'
+          from requeued
+    )
+    select count(*) into n from (select pg_notify('gpuq_jobs', queue) from requeued) as x;
+    return n;
+end $$;
+
 ---------------------------------------------------------------------------------------------------
 -- The transitions.
 
@@ -304,8 +335,10 @@ begin
     end loop;
 end $$;
 
--- Claim up to p_limit jobs for one instance: ready queued jobs in priority order and jobs whose
--- lease expired (their worker went silent), in one statement. Each claim bumps the attempt.
+-- Claim up to p_limit jobs for one instance: queue by queue in the order given, each queue by priority
+-- (highest first), then run_after, then id. Each claim bumps the attempt. Jobs whose lease expired
+-- (their worker went silent) are first put back in the queue, in the same transaction, so they are
+-- claimed like any other: no separate sweeper is needed.
 create function gpuq.claim_jobs(
     p_instance_id   bigint,
     p_queues        text[],
@@ -314,6 +347,8 @@ create function gpuq.claim_jobs(
     p_lease_seconds integer default 60
 ) returns setof gpuq.jobs
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    n integer;
 begin
     if p_limit is null or p_limit < 1 then
         return;
@@ -321,60 +356,44 @@ begin
     if p_lease_seconds is null or p_lease_seconds < 1 then
         raise exception using errcode = 'GQ400', message = 'p_lease_seconds must be at least 1';
     end if;
-    perform gpuq._end_expired(p_queues);
+    -- a cheap probe of jobs_lease_idx: only then is there anything to end or requeue
+    if exists (select 1 from gpuq.jobs where status = 'running' and lease_expires_at < now()) then
+        perform gpuq._end_expired(p_queues);
+        perform gpuq._requeue_expired(p_queues);
+    end if;
 
     return query
     with ready as (
-        select j.id
-          from unnest(p_queues) as q (name)
+        select j.id, q.pos, j.priority, j.run_after
+          from unnest(p_queues) with ordinality as q (name, pos)
           cross join lateral (
-              select id from gpuq.jobs
+              select id, priority, run_after from gpuq.jobs
                where queue = q.name and status = 'queued' and run_after <= now()
                  and min_vram_mb <= coalesce(p_vram_mb, 2147483647)
                order by priority desc, run_after, id
                limit p_limit
                for update skip locked
           ) as j
-    ), expired as (
-        select id from gpuq.jobs
-         where status = 'running' and lease_expires_at < now() and queue = any (p_queues)
-           and min_vram_mb <= coalesce(p_vram_mb, 2147483647)
-           and attempt - releases < max_attempts and cancel_requested_at is null
-         order by lease_expires_at
-         limit p_limit
-         for update skip locked
     ), picked as (
-        select j.id, j.status, j.attempt, j.instance_id, j.started_at
-          from gpuq.jobs j
-         where j.id in (select id from ready union all select id from expired)
-         order by j.priority desc, j.run_after, j.id
-         limit p_limit
-    ), lost as (
-        insert into gpuq.job_events (job_id, attempt, event, instance_id, started_at, error_code, message)
-        select id, attempt, 'lease_expired', instance_id, started_at, 'LEASE_EXPIRED',
-               'the worker went silent; the job was claimed again'
-          from picked where status = 'running'
-    ), claimed as (
-        update gpuq.jobs j
-           set status = 'running',
-               attempt = j.attempt + 1,
-               instance_id = p_instance_id,
-               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
-               -- run_after records when this attempt became claimable (queue wait stats)
-               run_after = case when j.status = 'running' then j.lease_expires_at else j.run_after end,
-               started_at = now(),
-               progress = null,
-               progress_message = null
-          from picked
-         where j.id = picked.id
-        returning j.*
-    ), busy as (
-        update gpuq.instances
-           set status = 'busy', last_job_at = now()
-         where id = p_instance_id and status in ('requested', 'booting', 'idle')
-           and exists (select 1 from claimed)
+        select id from ready order by pos, priority desc, run_after, id limit p_limit
     )
-    select * from claimed;
+    update gpuq.jobs j
+       set status = 'running',
+           attempt = j.attempt + 1,
+           instance_id = p_instance_id,
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+           started_at = now(),
+           progress = null,
+           progress_message = null
+      from picked
+     where j.id = picked.id
+    returning j.*;
+
+    get diagnostics n = row_count;
+    if n > 0 then
+        update gpuq.instances set status = 'busy', last_job_at = now()
+         where id = p_instance_id and status in ('requested', 'booting', 'idle');
+    end if;
 end $$;
 
 -- Called by a worker well inside its lease. Extends the leases it holds and answers what it must do:
@@ -474,11 +493,10 @@ begin
            set status = 'succeeded', result = coalesce(given.result, '{}'), finished_at = now(),
                lease_expires_at = null, progress = 100, error_code = null, error_message = null
           from given
-         where j.id = given.id and j.attempt = given.attempt and j.status = 'running'
-        returning j.id, j.attempt, j.queue, j.instance_id, j.started_at
-    ), logged as (
-        insert into gpuq.job_events (job_id, attempt, event, instance_id, started_at)
-        select id, attempt, 'succeeded', instance_id, started_at from done
+         -- driven by the primary key (= any), not by a join the planner may turn into a scan of all
+         -- running jobs per given row
+         where j.id = any (p_job_ids) and j.id = given.id and j.attempt = given.attempt and j.status = 'running'
+        returning j.id, j.queue, j.instance_id
     ), touched as (
         update gpuq.instances i set last_job_at = now()
          where i.id in (select instance_id from done)
@@ -651,29 +669,8 @@ end $$;
 -- waiting for a worker's claim to do it, so queue depth is right for the manager. Answers the count.
 create function gpuq.reap_expired() returns integer
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-declare
-    n integer;
-    m integer;
 begin
-    n := gpuq._end_expired(null);
-    with expired as (
-        select id from gpuq.jobs
-         where status = 'running' and lease_expires_at < now()
-         for update skip locked
-    ), requeued as (
-        update gpuq.jobs j
-           set status = 'queued', run_after = j.lease_expires_at, lease_expires_at = null, instance_id = null,
-               error_code = 'LEASE_EXPIRED', error_message = 'the worker went silent'
-          from expired
-         where j.id = expired.id
-        returning j.id, j.attempt, j.queue, j.started_at, expired.id as x
-    ), logged as (
-        insert into gpuq.job_events (job_id, attempt, event, started_at, error_code, message)
-        select id, attempt, 'lease_expired', started_at, 'LEASE_EXPIRED', 'the worker went silent; queued again'
-          from requeued
-    )
-    select count(*) into m from (select pg_notify('gpuq_jobs', queue) from requeued) as x;
-    return n + m;
+    return gpuq._end_expired(null) + gpuq._requeue_expired(null);
 end $$;
 
 -- Delete finished jobs (and their history) that ended before now() - p_older_than, at most p_limit
@@ -776,7 +773,7 @@ end $$;
 -- Reading: history and stats, for operators in a SQL editor and for the CLI.
 
 -- What happened to a job: each ended attempt and event, on which instance, and what it cost
--- (attempt run time x the instance's $/h). The attempt now running, if any, comes last.
+-- (attempt run time x the instance's $/h). The attempt now running, or the one that succeeded, comes last.
 create function gpuq.job_history(p_job_id bigint)
 returns table (attempt integer, event text, at timestamptz, instance_id bigint, provider text, gpu_name text,
                started_at timestamptz, run_seconds double precision, cost_usd numeric, error_code text,
@@ -795,6 +792,13 @@ language sql stable security definer set search_path = pg_catalog, pg_temp as $$
            null, j.progress_message, null
       from gpuq.jobs j left join gpuq.instances i on i.id = j.instance_id
      where j.id = p_job_id and j.status = 'running'
+    union all
+    select j.attempt, 'succeeded', j.finished_at, j.instance_id, i.provider, i.gpu_name, j.started_at,
+           extract(epoch from j.finished_at - j.started_at)::double precision,
+           round(extract(epoch from j.finished_at - j.started_at) / 3600 * i.dph, 6),
+           null, null, null
+      from gpuq.jobs j left join gpuq.instances i on i.id = j.instance_id
+     where j.id = p_job_id and j.status = 'succeeded'
     order by 3, 1
 $$;
 
@@ -836,6 +840,7 @@ language sql stable security definer set search_path = pg_catalog, pg_temp as $$
                percentile_cont(0.95) within group (order by j.started_at - greatest(j.run_after, j.created_at)) as p95
           from gpuq.jobs j
          where j.started_at > now() - interval '1 hour'
+           and (j.finished_at > now() - interval '1 hour' or j.status = 'running')  -- index-backed
          group by j.queue
     ), queues as (
         select live.queue from live union select done.queue from done union select waits.queue from waits
