@@ -21,6 +21,7 @@ from gpuq.client import Client, GpuqError, Job
 from gpuq.db import connect, database_url, redact
 from gpuq.migrate import MigrationError, migrate
 from gpuq.settings import Settings
+from worker import cli as worker_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete finished jobs and their history older than a duration")
     p.add_argument("--older-than", type=parse_duration, default=7 * 86400.0, help="default 7d")
+
+    p = command("worker", worker_cli.run, "run a worker: claim jobs, run their backends, store outputs")
+    worker_cli.add_arguments(p)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""`gpuq worker`: run the worker on this machine until SIGTERM/SIGINT (or a spot notice) drains it.
+
+Configured from the environment (worker/config.py); --queues and --concurrency override GPUQ_QUEUES
+and GPUQ_CONCURRENCY for a quick run, e.g. `gpuq worker --queues demo=imageops`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from gpuq.db import database_url, redact
+from gpuq.settings import Settings
+from worker.backends import BACKENDS
+from worker.backends.base import Backend
+from worker.config import ConfigError, WorkerSettings
+from worker.errors import JobError
+from worker.storage import storage_from_url
+
+log = logging.getLogger("gpuq.worker")
+
+_SECRET_PARAMS = ("key", "secret", "token", "password", "signature", "credential")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queues", help="queue=backend,... (overrides GPUQ_QUEUES), e.g. images=comfyui")
+    parser.add_argument("--concurrency", help="backend=N,... (overrides GPUQ_CONCURRENCY), e.g. comfyui=1")
+    parser.add_argument("--log-level", default=os.environ.get("GPUQ_LOG_LEVEL", "INFO"), help="default INFO")
+
+
+def redact_url(url: str) -> str:
+    """A storage or database URL fit for logs: no password, no secret-looking query values."""
+    url = redact(url)
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*/:")))
+
+
+def summary(config: WorkerSettings, settings: Settings, db_url: str) -> str:
+    lines = ["gpuq worker"]
+    for backend in config.backends:
+        lines.append(
+            f"  serves    {', '.join(config.queues_of(backend))} -> {backend} "
+            f"(concurrency {config.concurrency[backend]})"
+        )
+    lines += [
+        f"  storage   {redact_url(config.storage_url)}",
+        f"  database  {redact_url(db_url)}",
+        f"  instance  {config.provider}/{config.provider_instance_id}",
+        f"  lease     {settings.lease_seconds}s, heartbeat every {config.heartbeat_seconds:g}s, "
+        f"poll every {settings.poll_seconds:g}s",
+        f"  drain     grace {config.drain_grace_seconds:g}s"
+        + (f"; spot notices from {config.spot_metadata_url}" if config.spot_watch else ""),
+        f"  inputs    at most {config.input_max_bytes} bytes, {config.input_timeout_seconds:g}s each",
+        "  metrics   "
+        + (f"http://{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off"),
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.main import Worker  # imported here: `gpuq --help` need not load the worker
+
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    env = dict(os.environ)
+    if getattr(args, "queues", None):
+        env["GPUQ_QUEUES"] = args.queues
+    if getattr(args, "concurrency", None):
+        env["GPUQ_CONCURRENCY"] = args.concurrency
+    try:
+        config = WorkerSettings.from_env(settings, env)
+        storage = storage_from_url(config.storage_url)
+    except (ConfigError, ValueError) as exc:
+        print(f"gpuq worker: {exc}", file=sys.stderr)
+        return 2
+    backends: dict[str, Backend] = {}
+    for name in config.backends:
+        try:
+            backends[name] = BACKENDS[name](env)
+        except (ValueError, ImportError) as exc:
+            print(f"gpuq worker: cannot set up backend {name}: {exc}", file=sys.stderr)
+            return 2
+    url = database_url(settings)
+    print(summary(config, settings, url), file=sys.stderr, flush=True)
+
+    worker = Worker(url, settings, config, backends, storage)
+    worker.install_signal_handlers()
+    try:
+        return worker.run()
+    except JobError as exc:  # a backend that cannot start
+        print(f"gpuq worker: {exc}", file=sys.stderr)
+        return 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuq worker", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args, Settings.from_env())

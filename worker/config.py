@@ -1,0 +1,206 @@
+"""The worker's settings, from environment variables (and the `.env` file gpuq's Settings loads).
+
+Every bad value stops the worker at start-up with a message naming the variable, never mid-job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuq.settings import Settings
+
+KNOWN_BACKENDS = ("comfyui", "f5tts", "imageops")
+_QUEUE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # the SQL constraint on gpuq.jobs.queue
+_PROVIDER = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # the SQL constraint on gpuq.instances.provider
+EC2_DMI_FILES = ("/sys/devices/virtual/dmi/id/board_vendor", "/sys/devices/virtual/dmi/id/sys_vendor")
+
+
+class ConfigError(ValueError):
+    """A setting the worker cannot run with; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    queues: dict[str, str]  # queue -> backend name
+    concurrency: dict[str, int]  # backend name -> jobs at once
+    storage_url: str
+    provider: str
+    provider_instance_id: str
+    heartbeat_seconds: float
+    drain_grace_seconds: float
+    metrics_port: int  # 0: no endpoint
+    metrics_host: str
+    input_max_bytes: int
+    input_timeout_seconds: float
+    spot_watch: bool
+    spot_metadata_url: str
+    spot_poll_seconds: float
+    work_dir: Path  # per-job scratch directories live under it
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends served, in the order their queues were named."""
+        return list(dict.fromkeys(self.queues.values()))
+
+    def queues_of(self, backend: str) -> list[str]:
+        return [q for q, b in self.queues.items() if b == backend]
+
+    @property
+    def max_concurrency(self) -> int:
+        return sum(self.concurrency[b] for b in self.backends)
+
+    @classmethod
+    def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        env = os.environ if env is None else env
+        queues = parse_queues(env.get("GPUQ_QUEUES") or "")
+        concurrency = parse_concurrency(env.get("GPUQ_CONCURRENCY", ""), set(queues.values()))
+
+        provider = (env.get("GPUQ_PROVIDER") or "local").strip()
+        if not _PROVIDER.match(provider):
+            raise ConfigError(
+                f"GPUQ_PROVIDER must be a lowercase name like 'vast' or 'aws_spot', got {provider!r}"
+            )
+        instance_id = (env.get("GPUQ_PROVIDER_INSTANCE_ID") or "").strip()
+        if not instance_id and provider == "vast" and env.get("CONTAINER_ID"):
+            instance_id = env["CONTAINER_ID"].strip()  # Vast sets it in every container: the instance id
+        if not instance_id:
+            instance_id = f"{socket.gethostname()}-{os.getpid()}"
+
+        lease = settings.lease_seconds
+        heartbeat = _float(env, "GPUQ_HEARTBEAT_SECONDS", lease / 4)
+        if heartbeat <= 0:
+            raise ConfigError(f"GPUQ_HEARTBEAT_SECONDS must be positive, got {heartbeat:g}")
+        if heartbeat >= lease / 2:
+            # one late or lost heartbeat must not be enough to lose every job this worker holds
+            raise ConfigError(
+                f"GPUQ_HEARTBEAT_SECONDS={heartbeat:g} is too slow for GPUQ_LEASE_SECONDS={lease}: "
+                f"it must be under half the lease (< {lease / 2:g}); the default is lease/4 = {lease / 4:g}"
+            )
+
+        spot_raw = (env.get("GPUQ_SPOT_WATCH") or "auto").strip().lower()
+        if spot_raw == "auto":
+            spot = provider.startswith("aws") or on_ec2()
+        elif spot_raw in ("1", "true", "yes", "on"):
+            spot = True
+        elif spot_raw in ("0", "false", "no", "off"):
+            spot = False
+        else:
+            raise ConfigError(f"GPUQ_SPOT_WATCH must be auto, true or false, got {spot_raw!r}")
+
+        port = _int(env, "GPUQ_METRICS_PORT", 0)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"GPUQ_METRICS_PORT must be 0 (off) or a port number, got {port}")
+        max_bytes = _int(env, "GPUQ_INPUT_MAX_BYTES", 200 * 1024 * 1024)
+        if max_bytes < 1:
+            raise ConfigError(f"GPUQ_INPUT_MAX_BYTES must be at least 1, got {max_bytes}")
+        input_timeout = _float(env, "GPUQ_INPUT_TIMEOUT_SECONDS", 120.0)
+        grace = _float(env, "GPUQ_DRAIN_GRACE_SECONDS", 90.0)
+        spot_poll = _float(env, "GPUQ_SPOT_POLL_SECONDS", 5.0)
+        for name, value in (
+            ("GPUQ_INPUT_TIMEOUT_SECONDS", input_timeout),
+            ("GPUQ_SPOT_POLL_SECONDS", spot_poll),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value:g}")
+        if grace < 0:
+            raise ConfigError(f"GPUQ_DRAIN_GRACE_SECONDS must not be negative, got {grace:g}")
+
+        return cls(
+            queues=queues,
+            concurrency=concurrency,
+            storage_url=env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs"),
+            provider=provider,
+            provider_instance_id=instance_id,
+            heartbeat_seconds=heartbeat,
+            drain_grace_seconds=grace,
+            metrics_port=port,
+            metrics_host=env.get("GPUQ_METRICS_HOST") or "0.0.0.0",
+            input_max_bytes=max_bytes,
+            input_timeout_seconds=input_timeout,
+            spot_watch=spot,
+            spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
+            spot_poll_seconds=spot_poll,
+            work_dir=settings.data_dir / "work",
+        )
+
+
+def parse_queues(raw: str) -> dict[str, str]:
+    """ "images=comfyui,tts=f5tts" -> {"images": "comfyui", "tts": "f5tts"}."""
+    queues: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        queue, sep, backend = (s.strip() for s in item.partition("="))
+        if not sep or not queue or not backend:
+            raise ConfigError(f"GPUQ_QUEUES entries are queue=backend, e.g. 'images=comfyui'; got {item!r}")
+        if not _QUEUE.match(queue):
+            raise ConfigError(f"GPUQ_QUEUES: {queue!r} is not a valid queue name (lowercase, digits, _ . -)")
+        if backend not in KNOWN_BACKENDS:
+            raise ConfigError(
+                f"GPUQ_QUEUES: unknown backend {backend!r} for queue {queue!r}; "
+                f"known: {', '.join(KNOWN_BACKENDS)}"
+            )
+        if queue in queues:
+            raise ConfigError(f"GPUQ_QUEUES names queue {queue!r} twice")
+        queues[queue] = backend
+    if not queues:
+        raise ConfigError(
+            "GPUQ_QUEUES is not set: name the queues this worker serves and the backend of each, "
+            "e.g. GPUQ_QUEUES=images=comfyui,tts=f5tts (backends: comfyui, f5tts, imageops)"
+        )
+    return queues
+
+
+def parse_concurrency(raw: str, backends: set[str]) -> dict[str, int]:
+    """ "comfyui=2,f5tts=1" -> per-backend slots; backends not named get 1."""
+    result = dict.fromkeys(backends, 1)
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        backend, sep, value = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"GPUQ_CONCURRENCY entries are backend=N, e.g. 'comfyui=1'; got {item!r}")
+        if backend not in KNOWN_BACKENDS:
+            raise ConfigError(
+                f"GPUQ_CONCURRENCY: unknown backend {backend!r}; known: {', '.join(KNOWN_BACKENDS)}"
+            )
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"GPUQ_CONCURRENCY: {backend}={value!r} is not a whole number") from None
+        if not 1 <= n <= 256:
+            raise ConfigError(f"GPUQ_CONCURRENCY: {backend}={n} must be between 1 and 256")
+        if backend in backends:  # a backend this worker does not serve is ignored, not an error
+            result[backend] = n
+    return result
+
+
+def on_ec2() -> bool:
+    for path in EC2_DMI_FILES:
+        try:
+            if "amazon" in Path(path).read_text().lower():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None

@@ -1,0 +1,598 @@
+"""The worker: claim jobs, run them on a backend, store their outputs, report, drain.
+
+Threads, each with its own database connection (psycopg connections are not thread-safe):
+  main       the claim loop: LISTEN gpuq_jobs with a polling fallback, claims up to the free slots
+  slot-N     one per slot (GPUQ_CONCURRENCY per backend): runs one job at a time
+  heartbeat  extends leases, reports machine metrics, applies the reply (cancel, timeout, lost, drain)
+  spot       (EC2) watches for the interruption notice and starts the drain
+
+A job's life here: claim → workdir + JobContext → backend.run (which fetches its inputs) → upload each
+output → complete. A JobError becomes fail_job with its code; anything else is WORKER_ERROR with the
+traceback in the job's history. A job this worker no longer holds (lost lease, released while
+draining) is stopped and never reported on: another worker owns it now.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import shutil
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import psycopg
+
+from gpuq import __version__
+from gpuq.client import JOBS_CHANNEL, Client, GpuqError, Job, Listener, NotHeld
+from gpuq.settings import Settings
+from worker.backends.base import Backend, JobContext
+from worker.config import WorkerSettings
+from worker.errors import ErrorCode, JobError
+from worker.gpu import Probe
+from worker.inputs import fetch_input, output_key
+from worker.metrics import WorkerMetrics
+from worker.spot import SpotWatcher
+from worker.storage.base import Storage
+
+log = logging.getLogger("gpuq.worker")
+
+T = TypeVar("T")
+
+# Why a running job was stopped. The first three are reported (fail_job); the others never are,
+# because the job is no longer ours to report on.
+CANCEL, TIMEOUT, LOST, RELEASED = "cancel", "timeout", "lost", "released"
+SILENT = (LOST, RELEASED)
+DB_RETRIES = 3
+
+
+class Db:
+    """One thread's Client, reconnected when the connection drops (a restart, a network blip)."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.url = url
+        self.settings = settings
+        self.client = Client.connect(url, settings)
+
+    def call(self, fn: Callable[[Client], T]) -> T:
+        for attempt in range(DB_RETRIES):
+            try:
+                return fn(self.client)
+            except psycopg.OperationalError as exc:
+                if attempt == DB_RETRIES - 1:
+                    raise
+                log.warning("database connection lost (%s); reconnecting", exc)
+                time.sleep(0.5 * (attempt + 1))
+                with contextlib.suppress(Exception):
+                    self.client.close()
+                try:
+                    self.client = Client.connect(self.url, self.settings)
+                except psycopg.OperationalError as again:
+                    log.warning("reconnect failed: %s", again)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+@dataclass
+class Running:
+    job: Job
+    backend: str
+    ctx: JobContext
+    claim_seconds: float
+    stop: str | None = None  # CANCEL, TIMEOUT, LOST or RELEASED once the job was told to stop
+    timings: dict[str, float] = field(default_factory=dict)
+    db: Db | None = None  # the connection of the slot running it, for progress reports
+
+
+class Worker:
+    def __init__(
+        self,
+        url: str,
+        settings: Settings,
+        config: WorkerSettings,
+        backends: dict[str, Backend],
+        storage: Storage,
+        *,
+        probe: Probe | None = None,
+    ) -> None:
+        self.url = url
+        self.settings = settings
+        self.config = config
+        self.backends = backends
+        self.storage = storage
+        self.probe = probe or Probe()
+        self.metrics = WorkerMetrics()
+        gpus = self.probe.gpus()
+        self.gpu_name = gpus[0].name if gpus else None
+        self.gpu_count = len(gpus) or None
+        self.vram_mb = min(g.memory_total_mb for g in gpus) if gpus else None
+        self.instance_id: int | None = None
+        # per succeeded job: seconds per phase (claim, fetch, inference, upload, complete); for benchmarks
+        self.phase_log: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
+
+        self._lock = threading.Lock()
+        self._running: dict[int, Running] = {}  # job id -> running attempt
+        self._busy = dict.fromkeys(config.backends, 0)
+        self._inboxes: dict[str, queue.Queue[Running | None]] = {b: queue.Queue() for b in config.backends}
+        self._wake = threading.Event()  # a slot freed up or a drain began: the claim loop looks again
+        self._drain = threading.Event()
+        self._drain_reason = ""
+        self._release_now = threading.Event()  # skip what is left of the grace period
+        self._shutdown = False  # the heartbeat said the instance is gone: release at once
+        self._hb_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def request_drain(self, reason: str, *, now: bool = False) -> None:
+        """Stop claiming; running jobs get the grace period (none with now=True). Safe from any thread."""
+        if not self._drain.is_set():
+            self._drain_reason = reason
+            log.info("draining: %s", reason)
+            self._drain.set()
+            self.metrics.draining.set(1)
+        if now:
+            self._release_now.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT drain; a second one ends the grace period at once. Main thread only."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            self.request_drain(f"received {name}", now=self._drain.is_set())
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    # -- the whole run ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start backends, register, claim until drained, release what is left, deregister. Answers 0."""
+        for name in self.config.backends:
+            log.info("starting backend %s", name)
+            self.backends[name].start()
+
+        main_db = Db(self.url, self.settings)
+        hb_db = Db(self.url, self.settings)
+        listener = Listener(self.url, self.settings, [JOBS_CHANNEL])
+        spot: SpotWatcher | None = None
+        try:
+            self.instance_id = main_db.call(
+                lambda c: c.register_instance(
+                    self.config.provider,
+                    self.config.provider_instance_id,
+                    gpu_name=self.gpu_name,
+                    gpu_count=self.gpu_count,
+                    vram_mb=self.vram_mb,
+                    queues=list(self.config.queues),
+                    backends=self.config.backends,
+                    max_concurrency=self.config.max_concurrency,
+                    version=__version__,
+                    hostname=socket.gethostname(),
+                )
+            )
+            log.info("registered as instance %s", self.instance_id)
+            if self.config.metrics_port:
+                self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+            for backend in self.config.backends:
+                self.metrics.slots.labels(backend).set(self.config.concurrency[backend])
+                for i in range(self.config.concurrency[backend]):
+                    t = threading.Thread(
+                        target=self._slot, args=(backend,), name=f"gpuq-slot-{backend}-{i}", daemon=True
+                    )
+                    t.start()
+                    self._threads.append(t)
+            hb = threading.Thread(
+                target=self._heartbeat_loop, args=(hb_db,), name="gpuq-heartbeat", daemon=True
+            )
+            hb.start()
+            if self.config.spot_watch:
+                spot = SpotWatcher(
+                    lambda notice: self.request_drain(f"spot interruption notice: {notice}"),
+                    self.config.spot_metadata_url,
+                    self.config.spot_poll_seconds,
+                )
+                spot.start()
+            listener.start()
+            self._claim_loop(main_db, listener)
+            self._finish(main_db)
+            self._hb_stop.set()
+            hb.join(5)
+        finally:
+            self._hb_stop.set()
+            if spot is not None:
+                spot.stop()
+            listener.close()
+            for inbox in self._inboxes.values():
+                for _ in range(self.config.max_concurrency):
+                    inbox.put(None)
+            if self.instance_id is not None:
+                try:
+                    n = main_db.call(
+                        lambda c: c.deregister_instance(
+                            self.instance_id or 0, self._drain_reason or "worker exited"
+                        )
+                    )
+                    if n:
+                        log.info("deregistered; %d job(s) handed back", n)
+                except Exception as exc:
+                    log.error("deregister failed: %s (the manager's reconciliation will catch up)", exc)
+            main_db.close()
+            hb_db.close()
+            for b in self.backends.values():
+                try:
+                    b.close()
+                except Exception as exc:
+                    log.warning("closing backend %s: %s", b.name, exc)
+            self.probe.close()
+        return 0
+
+    # -- claiming ---------------------------------------------------------------------------------
+
+    def _claim_loop(self, db: Db, listener: Listener) -> None:
+        assert self.instance_id is not None
+        while not self._drain.is_set():
+            claimed = 0
+            free_any = False
+            for backend in self.config.backends:
+                with self._lock:
+                    free = self.config.concurrency[backend] - self._busy[backend]
+                if free <= 0 or self._drain.is_set():
+                    continue
+                started = time.monotonic()
+                try:
+                    jobs = db.call(
+                        lambda c, b=backend, n=free: c.claim(
+                            self.instance_id or 0,
+                            self.config.queues_of(b),
+                            n,
+                            vram_mb=self.vram_mb,
+                            lease_seconds=self.settings.lease_seconds,
+                        )
+                    )
+                except (psycopg.Error, GpuqError) as exc:
+                    log.error("claim failed: %s", exc)
+                    self._drain.wait(1.0)
+                    continue
+                claim_seconds = time.monotonic() - started
+                self.metrics.claims.labels(backend).inc()
+                for job in jobs:
+                    self._dispatch(job, backend, claim_seconds)
+                claimed += len(jobs)
+                if len(jobs) < free:
+                    free_any = True
+            if claimed and not free_any:
+                continue  # every slot asked for got a job: there may be more, and no slot is free anyway
+            if free_any and not claimed:
+                self._wait_for_work(listener)
+            elif not free_any:
+                self._wake.wait(self.settings.poll_seconds)  # all slots busy: wait for one to free up
+                self._wake.clear()
+
+    def _wait_for_work(self, listener: Listener) -> None:
+        """Until a NOTIFY, the poll interval, or a drain: in short waits, so a signal is seen quickly."""
+        deadline = time.monotonic() + self.settings.poll_seconds
+        while not self._drain.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or listener.wait(min(left, 0.25)):
+                return
+
+    def _dispatch(self, job: Job, backend: str, claim_seconds: float) -> None:
+        workdir = self.config.work_dir / f"{job.id}-{job.attempt}"
+        running: Running
+        timings: dict[str, float] = {"fetch": 0.0}
+
+        def fetch(ref: str) -> Path:
+            started = time.monotonic()
+            try:
+                return fetch_input(
+                    ref,
+                    workdir / "inputs",
+                    max_bytes=self.config.input_max_bytes,
+                    timeout_s=self.config.input_timeout_seconds,
+                    storages={self.storage.scheme: self.storage},
+                )
+            finally:
+                timings["fetch"] += time.monotonic() - started
+
+        def progress(percent: int, message: str | None = None) -> None:
+            db = running.db
+            if db is None or running.stop in SILENT:
+                return
+            try:
+                db.call(lambda c: c.progress(job.id, job.attempt, int(percent), message))
+            except NotHeld:
+                # another worker has it now: stop, and report nothing more
+                running.stop = running.stop or LOST
+                running.ctx.cancelled.set()
+            except (psycopg.Error, GpuqError) as exc:
+                log.warning("job %s: progress not recorded: %s", job.id, exc)
+
+        ctx = JobContext(
+            job_id=job.id,
+            attempt=job.attempt,
+            queue=job.queue,
+            payload=dict(job.payload),
+            workdir=workdir,
+            deadline=time.monotonic() + job.timeout_seconds,
+            cancelled=threading.Event(),
+            report_progress=progress,
+            fetch_input=fetch,
+        )
+        running = Running(job, backend, ctx, claim_seconds, timings=timings)
+        with self._lock:
+            self._running[job.id] = running
+            self._busy[backend] += 1
+            self.metrics.running.labels(backend).set(self._busy[backend])
+        self.metrics.claimed.labels(job.queue).inc()
+        self.metrics.phase.labels(job.queue, "claim").observe(claim_seconds)
+        log.info("job %s (%s, attempt %s) claimed for %s", job.id, job.queue, job.attempt, backend)
+        self._inboxes[backend].put(running)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def _slot(self, backend: str) -> None:
+        db: Db | None = None
+        inbox = self._inboxes[backend]
+        try:
+            try:
+                db = Db(self.url, self.settings)  # now, so the first job does not wait for it
+            except psycopg.OperationalError as exc:
+                log.warning("slot could not connect yet (%s); will retry at its first job", exc)
+            while (running := inbox.get()) is not None:
+                try:
+                    if db is None:
+                        db = Db(self.url, self.settings)
+                    running.db = db
+                    self._run_job(db, running)
+                except Exception:
+                    log.exception("job %s: the slot failed outside the job", running.job.id)
+                finally:
+                    with self._lock:
+                        self._running.pop(running.job.id, None)
+                        self._busy[backend] -= 1
+                        self.metrics.running.labels(backend).set(self._busy[backend])
+                    self._wake.set()
+        finally:
+            if db is not None:
+                db.close()
+
+    def _run_job(self, db: Db, r: Running) -> None:
+        job, ctx = r.job, r.ctx
+        outcome = "succeeded"
+        try:
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            result = self.backends[r.backend].run(ctx)
+            run_seconds = time.monotonic() - started - r.timings["fetch"]
+            if r.stop == CANCEL:  # finished anyway, but the app asked for it to be cancelled
+                raise JobError(ErrorCode.CANCELLED, "cancelled on request")
+            if r.stop in SILENT:
+                outcome = r.stop
+                log.info("job %s finished after it was %s; not reporting it", job.id, r.stop)
+                return
+            started = time.monotonic()
+            now = datetime.now(UTC)
+            outputs = []
+            for out in result.outputs:
+                key = output_key(job.queue, job.id, out.name, now)
+                url = self.storage.put(key, out.path, out.content_type)
+                outputs.append(
+                    {
+                        "name": out.name,
+                        "url": url,
+                        "content_type": out.content_type,
+                        "bytes": out.path.stat().st_size,
+                    }
+                )
+            upload_seconds = time.monotonic() - started
+            metrics: dict[str, Any] = dict(result.metrics)
+            metrics.setdefault("inference_seconds", round(run_seconds, 4))
+            metrics |= {
+                "claim_seconds": round(r.claim_seconds, 4),
+                "fetch_seconds": round(r.timings["fetch"], 4),
+                "run_seconds": round(run_seconds, 4),
+                "upload_seconds": round(upload_seconds, 4),
+            }
+            if r.stop in SILENT:
+                outcome = r.stop
+                return
+            started = time.monotonic()
+            try:
+                db.call(lambda c: c.complete(job.id, job.attempt, {"outputs": outputs, "metrics": metrics}))
+            except NotHeld as exc:
+                outcome = LOST
+                log.warning("job %s: finished but no longer ours (%s); dropping the result", job.id, exc)
+                return
+            complete_seconds = time.monotonic() - started
+            self.phase_log.append(
+                {
+                    "claim": r.claim_seconds,
+                    "fetch": r.timings["fetch"],
+                    "inference": run_seconds,
+                    "upload": upload_seconds,
+                    "complete": complete_seconds,
+                }
+            )
+            q = job.queue
+            self.metrics.phase.labels(q, "fetch").observe(r.timings["fetch"])
+            self.metrics.phase.labels(q, "inference").observe(run_seconds)
+            self.metrics.phase.labels(q, "upload").observe(upload_seconds)
+            self.metrics.phase.labels(q, "complete").observe(complete_seconds)
+            log.info(
+                "job %s succeeded: fetch %.3fs, inference %.3fs, upload %.3fs, complete %.3fs",
+                job.id,
+                r.timings["fetch"],
+                run_seconds,
+                upload_seconds,
+                complete_seconds,
+            )
+        except JobError as exc:
+            code, message = exc.code, exc.message
+            if r.stop == TIMEOUT and code == ErrorCode.CANCELLED:
+                code, message = ErrorCode.TIMEOUT, f"ran past its timeout of {job.timeout_seconds} s"
+            elif r.stop == CANCEL and code in (ErrorCode.TIMEOUT, ErrorCode.CANCELLED):
+                code, message = ErrorCode.CANCELLED, "cancelled on request"
+            retryable = exc.retryable if code == exc.code else None
+            outcome = self._fail(db, r, code, message, retryable, exc.details or None)
+        except Exception as exc:
+            outcome = self._fail(
+                db,
+                r,
+                ErrorCode.WORKER_ERROR,
+                f"{type(exc).__name__}: {exc}"[:1000],
+                None,
+                {"traceback": traceback.format_exc()},
+            )
+        finally:
+            self.metrics.jobs.labels(job.queue, outcome).inc()
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+    def _fail(
+        self,
+        db: Db,
+        r: Running,
+        code: ErrorCode,
+        message: str,
+        retryable: bool | None,
+        details: dict[str, Any] | None,
+    ) -> str:
+        job = r.job
+        if r.stop in SILENT:
+            log.info("job %s stopped (%s): %s; not reporting it", job.id, r.stop, message)
+            return r.stop or LOST
+        try:
+            status = db.call(
+                lambda c: c.fail(
+                    job.id, job.attempt, str(code), message, retryable=retryable, details=details
+                )
+            )
+        except NotHeld as exc:
+            log.warning("job %s: failed (%s) but no longer ours (%s)", job.id, code, exc)
+            return LOST
+        log.log(
+            logging.ERROR if code == ErrorCode.WORKER_ERROR else logging.WARNING,
+            "job %s %s: %s: %s%s",
+            job.id,
+            "queued again" if status == "queued" else status,
+            code,
+            message,
+            "\n" + details["traceback"] if details and "traceback" in details else "",
+        )
+        return "retried" if status == "queued" else status
+
+    # -- heartbeat --------------------------------------------------------------------------------
+
+    def _stop_job(self, job_id: int, attempt: int, reason: str) -> None:
+        with self._lock:
+            r = self._running.get(job_id)
+        if r is None or r.job.attempt != attempt:
+            return
+        if r.stop is None or reason in SILENT:  # a lost lease overrides a cancel: nothing may be reported
+            r.stop = reason
+        r.ctx.cancelled.set()
+        log.info("job %s: stopping (%s)", job_id, reason)
+
+    def _heartbeat_loop(self, db: Db) -> None:
+        while not self._hb_stop.wait(self.config.heartbeat_seconds):
+            self.beat(db)
+
+    def beat(self, db: Db) -> None:
+        assert self.instance_id is not None
+        with self._lock:
+            held = [(r.job.id, r.job.attempt) for r in self._running.values() if r.stop not in SILENT]
+            overdue = [
+                (r.job.id, r.job.attempt)
+                for r in self._running.values()
+                if r.stop is None and time.monotonic() > r.ctx.deadline
+            ]
+        for job_id, attempt in overdue:  # our own clock says so, whatever the database does
+            self._stop_job(job_id, attempt, TIMEOUT)
+        sample = self.probe.sample()
+        self.metrics.observe_sample(sample)
+        sample |= {
+            "running": len(held),
+            "slots": self.config.max_concurrency,
+            "draining": self._drain.is_set(),
+        }
+        try:
+            reply = db.call(
+                lambda c: c.heartbeat(
+                    self.instance_id or 0, held, sample, lease_seconds=self.settings.lease_seconds
+                )
+            )
+        except (psycopg.Error, GpuqError) as exc:
+            self.metrics.heartbeats.labels("error").inc()
+            log.error("heartbeat failed: %s", exc)
+            return
+        self.metrics.heartbeats.labels("ok").inc()
+        for job_id, attempt in reply.cancel:
+            self._stop_job(job_id, attempt, CANCEL)
+        for job_id, attempt in reply.timeout:
+            self._stop_job(job_id, attempt, TIMEOUT)
+        for job_id, attempt in reply.lost:
+            self._stop_job(job_id, attempt, LOST)
+        if reply.shutdown:
+            self._shutdown = True
+            self.request_drain("the instance was marked terminated or lost", now=True)
+        elif reply.drain:
+            self.request_drain("the manager asked this instance to drain")
+
+    # -- draining ---------------------------------------------------------------------------------
+
+    def _finish(self, db: Db) -> None:
+        """Running jobs get the grace period; what still runs after it goes back to the queue."""
+        assert self.instance_id is not None
+        if not self._shutdown:
+            try:
+                db.call(lambda c: c.drain_instance(self.instance_id or 0, self._drain_reason))
+            except (psycopg.Error, GpuqError) as exc:
+                log.warning("could not mark the instance draining: %s", exc)
+        grace = self.config.drain_grace_seconds
+        with self._lock:
+            n = len(self._running)
+        if n:
+            log.info("waiting up to %gs for %d running job(s)", grace, n)
+        deadline = time.monotonic() + grace
+        while not self._release_now.is_set():
+            with self._lock:
+                if not self._running:
+                    break
+            if time.monotonic() >= deadline:
+                break
+            self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self._wake.clear()
+        with self._lock:
+            left = list(self._running.values())
+            for r in left:
+                r.stop = RELEASED  # first, so the slot reports nothing once its backend stops
+        if left:
+            try:
+                n = db.call(lambda c: c.release(self.instance_id or 0, [r.job.id for r in left]))
+                log.info("released %d job(s) back to the queue", n)
+            except (psycopg.Error, GpuqError) as exc:
+                log.error("release failed: %s (their leases will expire instead)", exc)
+            for r in left:
+                r.ctx.cancelled.set()
+            # give backends a moment to stop cleanly (ComfyUI interrupts its prompt); not more
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end:
+                with self._lock:
+                    if not self._running:
+                        break
+                self._wake.wait(0.1)
+                self._wake.clear()
