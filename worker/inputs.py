@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -20,6 +22,10 @@ from worker.storage.local import LocalStorage
 CHUNK = 256 * 1024
 _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_REDIRECTS = 5
+# Cloud metadata services live on link-local addresses (AWS, GCP, Azure, Vast hosts: 169.254.169.254; AWS's
+# IPv6 endpoint fd00:ec2::254). An input URL must never reach them: the answer would be stored as an output.
+_METADATA_V6 = ipaddress.ip_address("fd00:ec2::254")
 
 
 def safe_name(name: str, default: str = "file") -> str:
@@ -95,13 +101,40 @@ def _redact(text: str, url: str) -> str:
     return text
 
 
+def _refuse_metadata_addresses(url: str, shown: str) -> None:
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return  # requests reports the unresolvable host in its own words
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if ip.is_link_local or ip == _METADATA_V6:
+            raise JobError(
+                ErrorCode.INPUT_INVALID,
+                f"refusing input {shown}: {host} is {ip}, a link-local address where cloud metadata lives",
+            )
+
+
+def _get(url: str, shown: str, timeout_s: float) -> requests.Response:
+    """GET with redirects followed by hand, so that every hop is checked before it is connected to."""
+    for _ in range(MAX_REDIRECTS + 1):
+        _refuse_metadata_addresses(url, shown)
+        r = requests.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        if not r.is_redirect:
+            return r
+        r.close()
+        url = urljoin(url, r.headers["Location"])
+    raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
+
+
 def _fetch_http(url: str, dest: Path, *, max_bytes: int, timeout_s: float) -> Path:
     shown = _redact(url, url)
     # requests' timeout bounds each connect and each read; the deadline bounds the whole transfer,
     # so a server that trickles bytes cannot hold the job forever.
     deadline = time.monotonic() + timeout_s
     try:
-        with requests.get(url, stream=True, timeout=(timeout_s, timeout_s)) as r:
+        with _get(url, shown, timeout_s) as r:
             if r.status_code >= 500 or r.status_code in _RETRYABLE_HTTP:
                 raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"GET {shown}: HTTP {r.status_code}")
             if r.status_code >= 400:

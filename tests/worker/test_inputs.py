@@ -48,6 +48,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(BODY)
         elif path == "/redirect":
             self._head(302, 0, {"Location": "/moved/avatar.bin"})
+        elif path == "/redirect-to-metadata":
+            self._head(302, 0, {"Location": "http://169.254.169.254/latest/meta-data/iam/"})
+        elif path == "/redirect-loop":
+            self._head(302, 0, {"Location": "/redirect-loop"})
         elif path == "/big-declared":  # says it is large up front
             self._head(200, 10 * LIMIT)
             self.wfile.write(b"x" * 1024)
@@ -145,6 +149,32 @@ def test_http_fetch(http_url: str, tmp_path: Path) -> None:
 
 def test_http_follows_redirects(http_url: str, tmp_path: Path) -> None:
     assert fetch(f"{http_url}/redirect", tmp_path).read_bytes() == BODY
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/",
+        "http://[fd00:ec2::254]/latest/",
+        "http://169.254.1.1/x",
+    ],
+)
+def test_http_refuses_cloud_metadata_addresses_before_connecting(ref: str, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="link-local address where cloud metadata lives") as err:
+        fetch(ref, tmp_path)
+    assert err.value.code == ErrorCode.INPUT_INVALID and not err.value.retryable
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_refuses_a_redirect_to_cloud_metadata(http_url: str, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match=r"169\.254\.169\.254 is 169\.254\.169\.254, a link-local address"):
+        fetch(f"{http_url}/redirect-to-metadata", tmp_path)
+
+
+def test_http_gives_up_on_a_redirect_loop(http_url: str, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="more than 5 redirects") as err:
+        fetch(f"{http_url}/redirect-loop", tmp_path)
+    assert err.value.code == ErrorCode.INPUT_INVALID
 
 
 def test_http_size_limits(http_url: str, tmp_path: Path) -> None:
