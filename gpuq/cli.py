@@ -21,6 +21,7 @@ from gpuq.client import Client, GpuqError, Job
 from gpuq.db import connect, database_url, redact
 from gpuq.migrate import MigrationError, migrate
 from gpuq.settings import Settings
+from manager import cli as manager_cli
 from worker import cli as worker_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("worker", worker_cli.run, "run a worker: claim jobs, run their backends, store outputs")
     worker_cli.add_arguments(p)
+
+    p = command("manager", manager_cli.run, "rent and destroy instances: tick, run, status, simulate")
+    manager_cli.add_arguments(p)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""`gpuq manager …`: tick (one pass, for cron), run (a loop), status, simulate; --dry-run plans only.
+
+gpuq/cli.py mounts this with add_arguments(parser) and run(args, settings); main() runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from gpuq.client import Client
+from gpuq.db import database_url
+from gpuq.migrate import migrate
+from gpuq.settings import Settings
+from manager.config import ManagerSettings
+from manager.metrics import Metrics
+from manager.providers import REGISTRY
+from manager.providers.base import Provider
+from manager.tick import Manager, tick
+
+log = logging.getLogger("gpuq.manager")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="manager_command", required=True, metavar="SUBCOMMAND")
+    p = sub.add_parser("tick", help="one pass: reconcile, decide, act (for cron)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what it would do; create, destroy, write nothing"
+    )
+    p = sub.add_parser("run", help="tick every GPUQ_MANAGER_TICK_SECONDS until stopped")
+    p.add_argument("--dry-run", action="store_true", help="plan every tick, act on none")
+    p.add_argument("--ticks", type=int, default=0, help="stop after this many ticks (default: never)")
+    p = sub.add_parser("status", help="instances, spend per day and per instance")
+    p.add_argument("--days", type=int, default=7, help="days of spend to show (default 7)")
+    p = sub.add_parser("simulate", help="replay workload traces through the policy (see manager/simulate.py)")
+    p.add_argument("simulate_args", nargs=argparse.REMAINDER, help="arguments for the simulator")
+
+
+def build_providers(ms: ManagerSettings, db_url: str, settings: Settings) -> dict[str, Provider]:
+    providers = {}
+    for name in ms.providers:
+        factory = REGISTRY.get(name)
+        if factory is None:
+            raise SystemExit(
+                f"gpuq manager: unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})"
+            )
+        providers[name] = factory(ms, db_url, settings.data_dir)
+    return providers
+
+
+def _open(settings: Settings) -> tuple[Client, str]:
+    url = database_url(settings)
+    client = Client.connect(url, settings)
+    if settings.database_url is None:
+        migrate(client.conn)  # the embedded default is ours to migrate
+    return client, url
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    command = args.manager_command
+    if command == "simulate":
+        from manager.simulate import main as simulate_main
+
+        return int(simulate_main(list(args.simulate_args)) or 0)
+    ms = ManagerSettings.from_env()
+    client, url = _open(settings)
+    try:
+        if command == "status":
+            return _status(client, ms, args.days)
+        manager = Manager(client, ms, build_providers(ms, url, settings), Metrics())
+        if command == "tick":
+            result = tick(manager, dry_run=args.dry_run)
+            return 1 if result.errors or result.reconcile.unverified else 0
+        return _loop(manager, args.dry_run, args.ticks)
+    finally:
+        client.close()
+
+
+def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping after this tick", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = None
+    if manager.settings.metrics_port:
+        server = manager.metrics.serve(manager.settings.metrics_port)
+    done = 0
+    try:
+        while not stop.is_set():
+            try:
+                tick(manager, dry_run=dry_run)
+            except Exception:  # a loop that dies leaves machines billing: log, wait, go on
+                log.exception("tick failed; trying again next interval")
+            done += 1
+            if ticks and done >= ticks:
+                break
+            stop.wait(manager.settings.tick_seconds)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0
+
+
+def _status(client: Client, ms: ManagerSettings, days: int) -> int:
+    from gpuq.cli import print_table  # the shared table printer
+
+    tz = ms.policy.budget_tz
+    print(
+        f"instances  (select * from gpuq.manager_instances())  caps: ${ms.policy.daily_budget:.2f}/day, "
+        f"${ms.policy.max_total_dph:.2f}/h"
+    )
+    print_table(
+        client._call("select * from gpuq.manager_instances()"),
+        [
+            "id",
+            "provider",
+            "provider_instance_id",
+            "status",
+            "gpu_name",
+            "dph",
+            "queues",
+            "created_at",
+            "last_heartbeat_at",
+            "running_jobs",
+        ],
+    )
+    today = client._call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]
+    print(f"\nspend today ({tz}): ${float(today):.4f}")
+    print(f"\nspend per day  (select * from gpuq.spend_by_day('{tz}', {days}))")
+    print_table(client._call("select * from gpuq.spend_by_day(%s, %s)", (tz, days)))
+    print("\nspend per instance, last 24 h  (select * from gpuq.spend_by_instance(now() - interval '1 day'))")
+    print_table(
+        client._call("select * from gpuq.spend_by_instance(now() - interval '1 day')"),
+        [
+            "instance_id",
+            "provider",
+            "provider_instance_id",
+            "gpu_name",
+            "status",
+            "dph",
+            "hours",
+            "cost_usd",
+            "end_reason",
+        ],
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuq manager", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(args, Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

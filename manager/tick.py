@@ -1,0 +1,249 @@
+"""One manager tick: reconcile -> snapshot -> decide -> act -> record.
+
+A dry run lists and searches at the providers (reads only) and reads the database, then prints what it
+would do; it creates, destroys and writes nothing. Two ticks never act at once: an advisory lock in
+Postgres serialises them (a cron tick that finds `run` mid-tick skips).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gpuq.client import Client
+from manager.bootstrap import launch_spec
+from manager.config import ManagerSettings
+from manager.metrics import Metrics
+from manager.policy import (
+    Action,
+    AvoidMachine,
+    Destroy,
+    Drain,
+    InstanceState,
+    QueueSnapshot,
+    Rent,
+    decide,
+    in_window,
+    instances_needed,
+)
+from manager.providers.base import Offer, Provider, ProviderError
+from manager.reconcile import ReconcileReport, destroy_verified, reconcile
+from manager.state import DbInstance, Snapshot, managed_instances, read_snapshot
+
+log = logging.getLogger("gpuq.manager")
+
+TICK_LOCK = 0x67707572  # one manager tick at a time, per database ("gpur")
+_POOL = (InstanceState.REQUESTED, InstanceState.BOOTING, InstanceState.IDLE, InstanceState.BUSY)
+
+
+@dataclass
+class TickResult:
+    skipped: bool = False  # another tick held the lock
+    reconcile: ReconcileReport = field(default_factory=ReconcileReport)
+    actions: list[Action] = field(default_factory=list)
+    rented: list[str] = field(default_factory=list)  # "provider:id"
+    destroyed: list[int] = field(default_factory=list)
+    drained: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manager:
+    client: Client
+    settings: ManagerSettings
+    providers: Mapping[str, Provider]
+    metrics: Metrics = field(default_factory=Metrics)
+    echo: Callable[[str], None] = print  # where a dry run's plan goes
+
+
+def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> TickResult:
+    result = TickResult()
+    if not dry_run:
+        got = m.client._call("select pg_try_advisory_lock(%s) as got", (TICK_LOCK,))[0]["got"]
+        if not got:
+            log.info("another manager tick is running; skipping this one")
+            result.skipped = True
+            return result
+    started = time.monotonic()
+    try:
+        _tick(m, result, dry_run, now)
+    finally:
+        if not dry_run:
+            m.client._call("select pg_advisory_unlock(%s)", (TICK_LOCK,))
+    m.metrics.inc("gpuq_manager_ticks_total")
+    m.metrics.set("gpuq_manager_tick_duration_seconds", time.monotonic() - started)
+    m.metrics.set("gpuq_manager_last_tick_timestamp_seconds", time.time())
+    if m.settings.metrics_file is not None and not dry_run:
+        m.metrics.write(m.settings.metrics_file)
+    return result
+
+
+def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -> None:
+    s = m.settings
+    prefix = "[dry-run] " if dry_run else ""
+    if not dry_run:
+        m.client.reap_expired()  # expired leases back in the queue first, so depth is right
+    rec = reconcile(m.client, m.providers, s.label_prefix, dry_run=dry_run)
+    result.reconcile = rec
+    for err in rec.errors:
+        m.metrics.inc("gpuq_manager_provider_errors_total", provider=err.split(":", 1)[0])
+    if dry_run:
+        for line in rec.lines:
+            _say(m, result, prefix + line, echo=True)
+
+    snap = read_snapshot(m.client, s.policy.budget_tz, s.label_prefix, other_dph=rec.other_dph)
+    if now is None:
+        now = m.client._call("select now() as t")[0]["t"]
+    offers = _offers(m, snap, now, result)
+    actions = decide(
+        snap.queues, snap.views, offers, s.policy, now, spend=snap.spend, avoided_machines=snap.avoided
+    )
+    result.actions = actions
+    by_id = {str(i.id): i for i in snap.instances}
+    for action in actions:
+        kind = type(action).__name__.lower()
+        m.metrics.inc("gpuq_manager_actions_total", kind=kind)
+        if dry_run:
+            _say(m, result, prefix + _reason(action), echo=True)
+            continue
+        try:
+            _act(m, action, by_id, result)
+        except ProviderError as e:
+            provider = action.offer.provider if isinstance(action, Rent) else "?"
+            m.metrics.inc("gpuq_manager_provider_errors_total", provider=provider)
+            result.errors.append(f"{_reason(action)}: {e}")
+            log.warning("%s failed: %s", _reason(action), e)
+    if not actions:
+        queues = (
+            ", ".join(f"{q.name}: {q.queued} queued, {q.running} running" for q in snap.queues) or "no jobs"
+        )
+        _say(m, result, f"{prefix}nothing to do ({queues}; {len(snap.instances)} instance(s))", echo=dry_run)
+    _record_metrics(m, snap, rec)
+
+
+def _offers(m: Manager, snap: Snapshot, now: datetime, result: TickResult) -> list[Offer]:
+    """Search only for queues the policy may rent for: Vast allows 10 searches a minute and a daily quota."""
+    by_name = {q.name: q for q in snap.queues}
+    offers: list[Offer] = []
+    for name, policy in m.settings.policy.queues.items():
+        snapshot = by_name.get(name) or QueueSnapshot(name, 0, 0)
+        have = sum(1 for i in snap.instances if i.view.queue == name and i.status in _POOL)
+        if instances_needed(snapshot, policy) <= have or not in_window(policy, now):
+            continue
+        provider_name = m.settings.launch[name].provider
+        try:
+            found = m.providers[provider_name].search_offers(policy.offer_filter)
+        except ProviderError as e:
+            m.metrics.inc("gpuq_manager_provider_errors_total", provider=provider_name)
+            result.errors.append(f"search for {name}: {e}")
+            log.warning("%s: offer search for queue %s failed: %s", provider_name, name, e)
+            continue
+        offers += [o for o in found if o not in offers]
+    return offers
+
+
+def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickResult) -> None:
+    s, client = m.settings, m.client
+    if isinstance(action, Rent):
+        launch = s.launch[action.queue]
+        offer = action.offer
+        if offer.provider != launch.provider:
+            # Offers of every provider go to the policy in one list; a queue rents from its own only.
+            log.info("skip %s: queue %s rents from %s", _reason(action), action.queue, launch.provider)
+            return
+        provider = m.providers[offer.provider]
+        provider_id = provider.create(offer, launch_spec(s, action.queue, offer))
+        # A crash between create and this record leaves an orphan: the next tick destroys it by label.
+        client._call(
+            "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
+            "%s::text[], %s)",
+            (
+                offer.provider,
+                provider_id,
+                offer.offer_id,
+                offer.machine_id,
+                s.label(action.queue),
+                offer.gpu_name,
+                offer.num_gpus,
+                offer.vram_mb,
+                offer.dph,
+                offer.interruptible,
+                [action.queue],
+                action.reason,
+            ),
+        )
+        result.rented.append(f"{offer.provider}:{provider_id}")
+        _say(m, result, f"{action.reason} -> {offer.provider} instance {provider_id}")
+    elif isinstance(action, Drain):
+        client.drain_instance(int(action.instance.id), action.reason)
+        result.drained.append(int(action.instance.id))
+        _say(m, result, action.reason)
+    elif isinstance(action, Destroy):
+        inst = by_id.get(action.instance.id)
+        if inst is None:
+            return
+        if action.release_jobs:
+            client.release(inst.id)  # back in the queue now, not when the destroy is confirmed
+        provider = m.providers.get(inst.provider)
+        if inst.provider_instance_id and provider is not None:
+            _, still = destroy_verified(provider, [inst.provider_instance_id], s.label_prefix)
+            if still:
+                # Still billing: keep it on the books as failed, so the caps count it and the next
+                # tick destroys it again.
+                client._call(
+                    "select gpuq.mark_failed(%s, %s)", (inst.id, f"destroy not confirmed: {action.reason}")
+                )
+                result.reconcile.unverified.append(f"{inst.provider}:{inst.provider_instance_id}")
+                raise ProviderError(f"{inst.provider} still lists {inst.provider_instance_id} after destroy")
+        elif provider is None:
+            raise ProviderError(f"instance {inst.id}: provider {inst.provider} is not enabled")
+        client._call("select gpuq.record_destroy(%s, %s, %s)", (inst.id, action.reason, action.release_jobs))
+        result.destroyed.append(inst.id)
+        _say(m, result, action.reason)
+    elif isinstance(action, AvoidMachine):
+        provider = next((i.provider for i in by_id.values() if i.view.machine_id == action.machine_id), "any")
+        client._call("select gpuq.avoid_machine(%s, %s, %s)", (provider, action.machine_id, action.reason))
+        _say(m, result, f"avoid machine {action.machine_id}: {action.reason}")
+
+
+def _reason(action: Action) -> str:
+    return action.reason
+
+
+def _say(m: Manager, result: TickResult, line: str, *, echo: bool = False) -> None:
+    result.lines.append(line)
+    if echo:
+        m.echo(line)
+    else:
+        log.info("%s", line)
+
+
+def _record_metrics(m: Manager, snap: Snapshot, rec: ReconcileReport) -> None:
+    mt = m.metrics
+    mt.clear("gpuq_manager_instances")
+    mt.clear("gpuq_manager_dph")
+    for provider in m.providers:
+        mt.set("gpuq_manager_dph", 0.0, provider=provider)
+    # the fleet after this tick's actions, not the snapshot it decided on
+    for inst in managed_instances(m.client, m.settings.label_prefix):
+        key = {"provider": inst.provider, "status": inst.status.value}
+        mt.set("gpuq_manager_instances", (mt.get("gpuq_manager_instances", **key) or 0) + 1, **key)
+        mt.set(
+            "gpuq_manager_dph",
+            (mt.get("gpuq_manager_dph", provider=inst.provider) or 0) + inst.dph,
+            provider=inst.provider,
+        )
+    mt.set("gpuq_manager_spend_today_usd", snap.spend.today)
+    mt.set("gpuq_manager_daily_budget_usd", m.settings.policy.daily_budget)
+    mt.set("gpuq_manager_max_total_dph", m.settings.policy.max_total_dph)
+    for q in snap.queues:
+        mt.set("gpuq_manager_queue_queued", q.queued, queue=q.name)
+        mt.set("gpuq_manager_queue_running", q.running, queue=q.name)
+        mt.set("gpuq_manager_queue_oldest_wait_seconds", q.oldest_wait_s, queue=q.name)
+    mt.inc("gpuq_manager_orphans_destroyed_total", len(rec.orphans_destroyed))
+    mt.inc("gpuq_manager_lost_total", len(rec.lost))
+    mt.set("gpuq_manager_unverified_destroys", len(rec.unverified))

@@ -1,0 +1,130 @@
+"""The onstart stub and scripts/onstart.sh: size, secrets, and a re-run that starts nothing twice."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from manager.bootstrap import ONSTART_MAX, SCRIPT, instance_env, launch_spec, onstart_stub
+from manager.config import from_dict
+from manager.providers.base import Offer
+
+# Stands in for python3 (and the venv's python): makes the venv, records pip, runs "the worker".
+FAKE_PYTHON = """#!/bin/bash
+case "$1 $2" in
+  "-m venv") mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0 ;;
+  "-m pip") echo "pip ${*:3}" >> "$FAKE_LOG"; exit 0 ;;
+esac
+echo "run $*" >> "$FAKE_LOG"
+exec sleep 30
+"""
+
+
+def test_the_stub_fits_vasts_limit_and_unpacks_the_script_verbatim(tmp_path: Path) -> None:
+    stub = onstart_stub()
+    assert len(stub) <= ONSTART_MAX
+    # Run the stub's unpacking with the final exec replaced by a copy-out.
+    unpack_only = stub.replace('exec bash "$W/onstart.sh"', 'cp "$W/onstart.sh" "$GPUQ_WORKSPACE/copy.sh" #')
+    subprocess.run(
+        ["bash", "-c", unpack_only], env={**os.environ, "GPUQ_WORKSPACE": str(tmp_path)}, check=True
+    )
+    assert (tmp_path / "copy.sh").read_text() == SCRIPT.read_text()
+
+
+def test_a_script_too_big_to_pack_is_fetched_or_refused() -> None:
+    big = "".join(f"echo {os.urandom(16).hex()}\n" for _ in range(400))  # does not compress
+    with pytest.raises(ValueError, match="4048"):
+        onstart_stub(big)
+    fetch = onstart_stub(big, bootstrap_url="https://example.com/onstart.sh")
+    assert "curl -fsSL" in fetch and len(fetch) < 1000
+
+
+def test_instances_get_the_worker_role_and_named_storage_credentials_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://manager:secret@db/app")
+    monkeypatch.setenv("GPUQ_WORKER_DATABASE_URL", "postgresql://gpuq_worker:w@db/app")
+    monkeypatch.setenv("GPUQ_WORKER_ENV", "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    monkeypatch.setenv("VAST_API_KEY", "vast-key")
+    monkeypatch.setenv("GPUQ_STORAGE_URL", "s3://bucket/out")
+    ms = from_dict({"queues": {"tts": {"provider": "vast", "backend": "f5tts"}}})
+    env = instance_env(ms, "tts", "vast")
+    assert env["DATABASE_URL"] == "postgresql://gpuq_worker:w@db/app"
+    assert env["GPUQ_QUEUES"] == "tts=f5tts" and env["GPUQ_STORAGE_URL"] == "s3://bucket/out"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret"
+    assert "vast-key" not in str(env) and "manager:secret" not in str(env)
+    offer = Offer("vast", "1", "RTX 4090", 1, 24000, 0.3, interruptible=True, min_bid=0.25)
+    spec = launch_spec(ms, "tts", offer)
+    assert spec.bid_price == 0.3 and spec.label == "gpuq:default:tts"  # a bid, never a silent on-demand
+    assert all(len(v) <= 256 for v in spec.env.values())
+
+
+def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(workspace),
+        "GPUQ_WORKSPACE": str(workspace),
+        "DATABASE_URL": "postgresql://gpuq_worker@db/app",
+        "GPUQ_QUEUES": "demo=imageops",
+        "GPUQ_BACKENDS": "imageops",
+        "GPUQ_INSTALL_SPEC": "gpuq @ https://example.com/gpuq.whl",
+        "CONTAINER_ID": "4242",
+        "FAKE_LOG": str(fake_log),
+    }
+    # Its own process group, so the test can stop everything it left running by that group's id.
+    return subprocess.Popen(["bash", str(SCRIPT)], env=env, start_new_session=True)
+
+
+def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    workspace, fake_log = tmp_path / "ws", tmp_path / "fake.log"
+    groups = []
+    try:
+        first = run_onstart(workspace, bin_dir, fake_log)
+        groups.append(first.pid)
+        assert first.wait(timeout=30) == 0
+        pidfile = workspace / "gpuq" / "run" / "worker.pid"
+        loop_pid = int(pidfile.read_text())
+        deadline = time.monotonic() + 10
+        while "run -m gpuq.cli worker" not in (fake_log.read_text() if fake_log.exists() else ""):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+
+        second = run_onstart(workspace, bin_dir, fake_log)
+        groups.append(second.pid)
+        assert second.wait(timeout=30) == 0
+        time.sleep(0.3)
+
+        assert int(pidfile.read_text()) == loop_pid  # the same loop, still alive
+        os.kill(loop_pid, 0)
+        log = fake_log.read_text().splitlines()
+        assert log.count("run -m gpuq.cli worker") == 1
+        assert [line for line in log if line.startswith("pip install -q gpuq")] == [
+            "pip install -q gpuq @ https://example.com/gpuq.whl"
+        ]  # installed once: the marker file remembers the spec
+        onstart_log = (workspace / "gpuq" / "worker.log").read_text()
+        assert "postgresql://" not in onstart_log  # nothing echoes the environment
+
+        # After the machine stops (outbid) the pid file is stale: a re-run starts the worker again.
+        os.killpg(first.pid, signal.SIGKILL)
+        groups.remove(first.pid)
+        time.sleep(0.2)
+        third = run_onstart(workspace, bin_dir, fake_log)
+        groups.append(third.pid)
+        assert third.wait(timeout=30) == 0
+        assert int(pidfile.read_text()) != loop_pid
+    finally:
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)

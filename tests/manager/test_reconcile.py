@@ -1,0 +1,176 @@
+"""Reconciliation against the Vast stand-in's faults: orphans, lost instances, outbids, lying destroys."""
+
+# The fixtures are test_tick's, imported by name (tests/manager has no conftest of ours), so the test
+# parameters "redefine" them.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import pytest
+
+from gpuq.client import Client
+from manager.providers.base import LaunchSpec, OfferFilter
+from manager.providers.vast import VastProvider
+from manager.reconcile import reconcile
+from manager.tick import tick
+from tests.manager.test_tick import (  # noqa: F401  (fixtures)
+    assert_books_match,
+    clock,
+    db,
+    enqueue,
+    env,
+    manager,
+    our_live,
+    rows,
+    standin,
+    vast,
+)
+from tests.standins.vast_server import VastStandin
+
+PREFIX = "gpuq:test:"
+
+
+def rent_by_tick(db: Client, vast: VastProvider, standin: VastStandin, jobs: int = 1) -> tuple[int, str]:
+    """A rent the manager made and recorded, its worker registered and holding `jobs` jobs."""
+    standin.add_offer()
+    enqueue(db, jobs)
+    m = manager(db, vast)
+    (rented,) = tick(m).rented
+    pid = rented.split(":", 1)[1]
+    iid = db.register_instance("vast", pid, gpu_name="RTX 4090", queues=["tryon"])
+    assert len(db.claim(iid, ["tryon"], limit=jobs)) == jobs
+    return iid, pid
+
+
+def status_of(db: Client, iid: int) -> dict:
+    (row,) = rows(db, "select * from gpuq.instances where id = %s", iid)
+    return row
+
+
+@pytest.mark.usefixtures("env")
+def test_orphans_are_destroyed_and_booked_and_others_instances_left_alone(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    for _ in range(3):
+        standin.add_offer()
+    offers = vast.search_offers(OfferFilter())
+    ours = vast.create(offers[0], LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offers[0].dph))
+    theirs = vast.create(offers[1], LaunchSpec("someone-else", "img", 50, "true", bid_price=offers[1].dph))
+    other_deployment = vast.create(
+        offers[2], LaunchSpec("gpuq:prod:tryon", "img", 50, "true", bid_price=offers[2].dph)
+    )
+
+    report = reconcile(db, {"vast": vast}, PREFIX)
+
+    assert report.orphans_destroyed == [f"vast:{ours}"]
+    assert set(map(str, standin.live())) == {theirs, other_deployment}
+    (row,) = rows(db, "select * from gpuq.instances")
+    assert (row["provider_instance_id"], row["status"]) == (ours, "failed")
+    assert row["terminated_at"] is not None and float(row["dph"]) > 0
+    (spend,) = rows(db, "select * from gpuq.spend_by_instance()")
+    assert spend["instance_id"] == row["id"]  # its (short) billing is on the books
+
+
+@pytest.mark.usefixtures("env")
+def test_a_destroy_that_answers_success_but_keeps_billing_is_verified_and_retried(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    standin.add_offer()
+    offer = vast.search_offers(OfferFilter())[0]
+    orphan = vast.create(offer, LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offer.dph))
+    standin.ghost_destroys = 2
+
+    report = reconcile(db, {"vast": vast}, PREFIX)
+
+    assert report.orphans_destroyed == [f"vast:{orphan}"] and not report.unverified
+    assert our_live(standin) == {}
+    assert len(standin.of_kind("destroy")) == 3  # two lies, then the one that took
+
+
+@pytest.mark.usefixtures("env")
+def test_a_destroy_that_never_takes_stays_on_the_books_as_billing(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    standin.add_offer()
+    offer = vast.search_offers(OfferFilter())[0]
+    orphan = vast.create(offer, LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offer.dph))
+    standin.ghost_destroys = 100
+
+    report = reconcile(db, {"vast": vast}, PREFIX)
+    assert report.unverified == [f"vast:{orphan}"] and not report.orphans_destroyed
+    # Still a live (failed) row: the policy counts its $/h against the caps and destroys it again.
+    (row,) = rows(db, "select * from gpuq.manager_instances()")
+    assert row["status"] == "failed" and row["provider_instance_id"] == orphan
+
+    standin.ghost_destroys = 0
+    tick(manager(db, vast))
+    assert our_live(standin) == {}
+    assert rows(db, "select * from gpuq.manager_instances()") == []
+
+
+@pytest.mark.usefixtures("env")
+def test_an_instance_the_provider_no_longer_shows_is_lost_and_its_jobs_released(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    iid, pid = rent_by_tick(db, vast, standin, jobs=2)
+    standin.rentals[int(pid)].destroyed_at = standin.clock.now()  # gone behind our back
+
+    report = reconcile(db, {"vast": vast}, PREFIX)
+
+    assert report.lost == [iid]
+    row = status_of(db, iid)
+    assert row["status"] == "lost" and row["terminated_at"] is not None
+    assert {j.status for j in db.list_jobs(queue="tryon")} == {"queued"}  # back in the queue, at once
+    assert_books_match(db, standin)
+
+
+@pytest.mark.usefixtures("env")
+def test_a_failed_listing_marks_nothing_lost(db: Client, vast: VastProvider, standin: VastStandin) -> None:
+    iid, _ = rent_by_tick(db, vast, standin)
+    standin.fail_next(10, 503, "list")
+    report = reconcile(db, {"vast": vast}, PREFIX)
+    assert report.errors and not report.lost
+    assert status_of(db, iid)["status"] == "busy"
+
+
+@pytest.mark.usefixtures("env")
+def test_an_outbid_instance_is_destroyed_and_its_jobs_released(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    iid, pid = rent_by_tick(db, vast, standin)
+    standin.clock.advance(120)  # running
+    standin.outbid(int(pid))  # stopped: processes dead, storage still billed
+
+    result = tick(manager(db, vast))
+
+    assert iid in result.reconcile.failed
+    assert our_live(standin) == {}
+    row = status_of(db, iid)
+    assert row["status"] == "failed" and row["terminated_at"] is not None
+    assert "outbid" in row["end_reason"]
+    assert {j.status for j in db.list_jobs(queue="tryon")} == {"queued"}
+    # Its job is back and nothing is serving the queue: the same tick rents a replacement only if an
+    # offer is left (none is here), and nothing bills.
+    assert standin.billing_rate() == 0
+
+
+@pytest.mark.usefixtures("env")
+def test_a_row_the_worker_ended_while_the_machine_bills_is_an_orphan(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    iid, pid = rent_by_tick(db, vast, standin)
+    db.deregister_instance(iid)  # the worker exited; Vast keeps billing the machine
+    report = reconcile(db, {"vast": vast}, PREFIX)
+    assert report.orphans_destroyed == [f"vast:{pid}"]
+    assert our_live(standin) == {}
+    row = status_of(db, iid)
+    assert row["status"] == "terminated" and row["end_reason"].startswith("orphan")
+
+
+@pytest.mark.usefixtures("env")
+def test_dead_instances_are_destroyed(db: Client, vast: VastProvider, standin: VastStandin) -> None:
+    iid, pid = rent_by_tick(db, vast, standin)
+    standin.set_status(int(pid), "exited")
+    report = reconcile(db, {"vast": vast}, PREFIX)
+    assert report.failed == [iid] and our_live(standin) == {}
+    assert "dead at vast" in status_of(db, iid)["end_reason"]
