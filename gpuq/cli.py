@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 from gpuq import __version__
-from gpuq.client import Client, GpuqError, Job
+from gpuq.client import GpuqError, Job, open_client
 from gpuq.db import connect, database_url, redact
 from gpuq.migrate import MigrationError, migrate
 from gpuq.settings import Settings
@@ -25,18 +25,6 @@ from manager import cli as manager_cli
 from worker import cli as worker_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
-
-
-def open_client(settings: Settings) -> Client:
-    """Connect; the embedded database is migrated on the way, a real one must have been migrated."""
-    url = database_url(settings)
-    client = Client.connect(url, settings)
-    if settings.database_url is None:
-        migrate(client.conn)
-    elif client.conn.execute("select to_regclass('gpuq.jobs') as t").fetchone() == {"t": None}:
-        client.close()
-        raise SystemExit(f"gpuq: {redact(url)} has no gpuq schema yet; run `gpuq migrate` first")
-    return client
 
 
 def parse_duration(text: str) -> float:

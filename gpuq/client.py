@@ -18,7 +18,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from gpuq.db import Connection, connect
+from gpuq.db import Connection, connect, database_url, redact
+from gpuq.migrate import migrate
 from gpuq.settings import Settings
 
 log = logging.getLogger("gpuq.client")
@@ -451,3 +452,16 @@ class Client:
 
     def failure_stats(self, since_seconds: float = 86400) -> list[dict[str, Any]]:
         return self._call("select * from gpuq.failure_stats(make_interval(secs => %s))", (since_seconds,))
+
+
+def open_client(settings: Settings) -> Client:
+    """Connect as the CLI, the manager and the demo do: the embedded database (no DATABASE_URL) is ours and
+    is migrated on the way; a real one must have been migrated with `gpuq migrate`."""
+    url = database_url(settings)
+    client = Client.connect(url, settings)
+    if settings.database_url is None:
+        migrate(client.conn)
+    elif client.conn.execute("select to_regclass('gpuq.jobs') as t").fetchone() == {"t": None}:
+        client.close()
+        raise SystemExit(f"gpuq: {redact(url)} has no gpuq schema yet; run `gpuq migrate` first")
+    return client

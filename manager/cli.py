@@ -13,9 +13,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from gpuq.client import Client
-from gpuq.db import database_url
-from gpuq.migrate import migrate
+from gpuq.client import Client, open_client
 from gpuq.settings import Settings
 from manager.config import ManagerSettings
 from manager.metrics import Metrics
@@ -53,14 +51,6 @@ def build_providers(ms: ManagerSettings, db_url: str, settings: Settings) -> dic
     return providers
 
 
-def _open(settings: Settings) -> tuple[Client, str]:
-    url = database_url(settings)
-    client = Client.connect(url, settings)
-    if settings.database_url is None:
-        migrate(client.conn)  # the embedded default is ours to migrate
-    return client, url
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     command = args.manager_command
     if command == "simulate":
@@ -68,7 +58,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         return int(simulate_main(list(args.simulate_args)) or 0)
     ms = ManagerSettings.from_env()
-    client, url = _open(settings)
+    client = open_client(settings)
+    url = client.url
     try:
         if command == "status":
             return _status(client, ms, args.days)
