@@ -204,6 +204,12 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from manager.demo import run_demo  # Pillow and the providers: only the demo needs them here
+
+    return run_demo(settings, jobs=args.jobs, idle_timeout_s=args.idle_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpuq",
@@ -266,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("manager", manager_cli.run, "rent and destroy instances: tick, run, status, simulate")
     manager_cli.add_arguments(p)
+
+    p = command(
+        "demo", cmd_demo, "the whole thing on this machine: enqueue, workers start, outputs, workers stop"
+    )
+    p.add_argument("--jobs", type=int, default=6, help="jobs to enqueue (default 6)")
+    p.add_argument("--idle-timeout", type=parse_duration, default=10.0, help="stop idle workers after (10s)")
     return parser
 
 
