@@ -27,7 +27,20 @@ def gpuq(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
 
 def test_help_lists_every_command() -> None:
     out = gpuq("--help", env={}).stdout
-    for command in ("migrate", "submit", "show", "list", "cancel", "retry", "stats", "prune", "worker", "manager"):
+    commands = (
+        "migrate",
+        "submit",
+        "show",
+        "list",
+        "cancel",
+        "retry",
+        "stats",
+        "prune",
+        "worker",
+        "manager",
+        "demo",
+    )
+    for command in commands:
         assert command in out
 
 
