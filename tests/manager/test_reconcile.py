@@ -15,15 +15,12 @@ from manager.reconcile import reconcile
 from manager.tick import tick
 from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     assert_books_match,
-    clock,
     db,
     enqueue,
     env,
     manager,
     our_live,
     rows,
-    standin,
-    vast,
 )
 from tests.standins.vast_server import VastStandin
 

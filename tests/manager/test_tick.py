@@ -5,7 +5,6 @@ After every scenario: no orphan of ours survives a tick, and what bills never pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,9 +17,10 @@ from manager.policy import Rent
 from manager.providers.base import LaunchSpec
 from manager.providers.vast import VastProvider
 from manager.tick import Manager, tick
-from tests.standins.vast_server import SimClock, VastStandin
+from tests.manager.conftest import VAST_KEY
+from tests.standins.vast_server import VastStandin
 
-KEY = "vk-test-secret-key"
+KEY = VAST_KEY  # the stand-in and the provider fixtures (conftest.py) use it
 WORKER_URL = "postgresql://gpuq_worker:pw@db.example:5432/app"
 
 
@@ -43,24 +43,6 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPUQ_DEPLOYMENT", "test")
     monkeypatch.setenv("GPUQ_WORKER_DATABASE_URL", WORKER_URL)
     monkeypatch.setenv("VAST_API_KEY", KEY)
-
-
-@pytest.fixture
-def clock() -> SimClock:
-    return SimClock()
-
-
-@pytest.fixture
-def standin(clock: SimClock) -> Iterator[VastStandin]:
-    s = VastStandin(KEY, clock)
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def vast(standin: VastStandin, clock: SimClock) -> VastProvider:
-    return VastProvider(KEY, server_url=standin.url, clock=clock.now, sleep=clock.sleep)
 
 
 @pytest.fixture

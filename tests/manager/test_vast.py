@@ -8,35 +8,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
 from manager.providers.base import LaunchSpec, Offer, OfferFilter, ProviderError, ProviderStatus
 from manager.providers.vast import DEFAULT_LIMITS, VastProvider, map_status
+from tests.manager.conftest import VAST_KEY
 from tests.standins.vast_server import OCI_MSG, RUNNING_AT_S, SimClock, VastStandin
 
-KEY = "vk-0123456789abcdef-secret"
+KEY = VAST_KEY  # the stand-in and the provider fixtures (conftest.py) use it
 LABEL = "gpuq:test:tryon"
-
-
-@pytest.fixture
-def clock() -> SimClock:
-    return SimClock()
-
-
-@pytest.fixture
-def standin(clock: SimClock) -> Iterator[VastStandin]:
-    s = VastStandin(KEY, clock)
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def vast(standin: VastStandin, clock: SimClock) -> VastProvider:
-    return VastProvider(KEY, server_url=standin.url, clock=clock.now, sleep=clock.sleep)
 
 
 def spec(bid: float | None, **kw: object) -> LaunchSpec:
