@@ -400,6 +400,8 @@ class Worker:
                     }
                 )
             upload_seconds = time.monotonic() - started
+            # the outputs are stored: free the disk before the job is seen as done (finally: the error paths)
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
             metrics: dict[str, Any] = dict(result.metrics)
             metrics.setdefault("inference_seconds", round(run_seconds, 4))
             metrics |= {
