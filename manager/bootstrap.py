@@ -86,5 +86,6 @@ def launch_spec(ms: ManagerSettings, queue: str, offer: Offer) -> LaunchSpec:
         onstart=onstart_stub(bootstrap_url=ms.bootstrap_url),
         env=instance_env(ms, queue, offer.provider),
         # An interruptible offer is rented at the bid the policy priced it at, never on-demand silently.
-        bid_price=offer.dph if offer.interruptible else None,
+        # a bid is the GPU price alone (storage bills on top); providers without one bid the whole price
+        bid_price=(offer.bid if offer.bid is not None else offer.dph) if offer.interruptible else None,
     )

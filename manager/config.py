@@ -150,6 +150,10 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
                 offer_raw[key] = tuple(offer_raw[key])
         if provider == "local":
             offer_raw.setdefault("min_disk_gb", 0)
+        else:
+            # search for (and price storage at) at least the disk the launch asks for
+            disk = float(lk.get("disk_gb", QueueLaunch.disk_gb))
+            offer_raw["min_disk_gb"] = max(float(offer_raw.get("min_disk_gb", 0)), disk)
         offer = OfferFilter(**_pick(OfferFilter, offer_raw, f"queues.{name}.offer"))
         if "windows" in q:
             q["windows"] = tuple(Window.parse(w) for w in q["windows"])

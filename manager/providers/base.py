@@ -25,9 +25,10 @@ class Offer:
     gpu_name: str
     num_gpus: int
     vram_mb: int  # per GPU
-    dph: float  # $/hour total, as it would bill (for bids: the bid we would place)
+    dph: float  # $/hour total, as it would bill: for interruptible offers the bid plus storage
     interruptible: bool
     min_bid: float | None = None
+    bid: float | None = None  # the $/hour bid to place for an interruptible rent (storage bills on top)
     machine_id: str | None = None
     reliability: float | None = None
     verified: bool | None = None

@@ -170,14 +170,18 @@ class VastProvider:
 
     def _offer(self, row: dict[str, Any], interruptible: bool) -> Offer | None:
         try:
-            on_demand = float(row["dph_total"])
+            on_demand = float(row["dph_total"])  # priced for allocated_storage: GPU + storage
             min_bid = float(row["min_bid"]) if row.get("min_bid") is not None else None
+            # storage bills on top of a bid, in every state; money caps must see it
+            storage = on_demand - float(row["dph_base"]) if row.get("dph_base") is not None else 0.0
+            bid = None
             if interruptible:
                 if min_bid is None:
                     return None
                 # Bid a little over the minimum so the first higher bid does not stop us at once,
                 # and never more than on-demand would cost.
-                dph = round(min(min_bid * (1 + self._bid_margin), on_demand), 4)
+                bid = round(min(min_bid * (1 + self._bid_margin), on_demand - storage), 4)
+                dph = round(bid + storage, 4)
             else:
                 dph = on_demand
             verification = row.get("verification")
@@ -190,6 +194,7 @@ class VastProvider:
                 dph=dph,
                 interruptible=interruptible,
                 min_bid=min_bid,
+                bid=bid,
                 machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
                 reliability=_float(row.get("reliability")),
                 verified=(verification == "verified") if verification is not None else row.get("verified"),

@@ -103,15 +103,17 @@ def test_tick_rents_for_the_backlog_and_records_each_rent_with_its_price(
         assert r.env["DATABASE_URL"] == WORKER_URL and r.env["GPUQ_QUEUES"] == "tryon=comfyui"
         assert KEY not in str(r.env) and KEY not in (r.onstart or "")
 
+    # recorded at rent time: what the instance bills (the bid plus storage for the launch's disk)
     inst = rows(db, "select * from gpuq.instances order by dph")
-    assert [(i["status"], float(i["dph"]), i["interruptible"]) for i in inst] == [
-        ("requested", 0.22, True),
-        ("requested", 0.275, True),
-    ]
+    billed = sorted(r.dph_total for r in rentals)
+    assert [(i["status"], i["interruptible"]) for i in inst] == [("requested", True)] * 2
+    assert [float(i["dph"]) for i in inst] == [pytest.approx(b, abs=1e-4) for b in billed]
     events = rows(db, "select event, dph, message from gpuq.instance_events order by id")
     assert [e["event"] for e in events] == ["rented", "rented"]
     assert "for queue tryon: 4 queued, 0 running, 0 instance(s), need 2" in events[0]["message"]
-    assert any("rent offer" in line and "$0.22/h for queue tryon" in line for line in result.lines)
+    assert any(
+        "rent offer" in line and f"${billed[0]:.2f}/h for queue tryon" in line for line in result.lines
+    )
 
     # Next tick: the listing shows them: booting, and the price Vast bills (bid + storage) recorded.
     second = tick(m)

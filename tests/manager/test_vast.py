@@ -75,7 +75,9 @@ def test_search_maps_filters_to_the_api_query_and_units(vast: VastProvider, stan
     assert [o.offer_id for o in offers] == [str(good)]
     o = offers[0]
     assert o.interruptible and o.min_bid == 0.20
-    assert o.dph == pytest.approx(0.22)  # the bid we would place: min_bid plus the 10 % margin
+    assert o.bid == pytest.approx(0.22)  # the bid we would place: min_bid plus the 10 % margin
+    # what it would bill, which the money caps see: the bid plus storage for the searched 50 GB
+    assert o.dph == pytest.approx(0.22 + 0.15 * 50 / 720, abs=1e-4)
     assert (o.vram_mb, o.location, o.verified, o.gpu_name) == (24_564, "ES", True, "RTX 4090")
 
     (req,) = standin.of_kind("search")
@@ -166,7 +168,7 @@ def test_5xx_on_reads_is_retried(vast: VastProvider, standin: VastStandin) -> No
 def test_bid_rent_lifecycle_and_charges(vast: VastProvider, standin: VastStandin, clock: SimClock) -> None:
     standin.add_offer(dph_base=0.50, min_bid=0.20, storage_cost=0.0)
     offer = vast.search_offers(OfferFilter())[0]
-    iid = vast.create(offer, spec(offer.dph))
+    iid = vast.create(offer, spec(offer.bid))
 
     rental = standin.rentals[int(iid)]
     assert (rental.rent_type, rental.price) == ("bid", pytest.approx(0.22))
@@ -212,7 +214,7 @@ def test_silent_on_demand_rent_is_caught_and_destroyed(vast: VastProvider, stand
     standin.ignore_bid = True
     offer = vast.search_offers(OfferFilter())[0]
     with pytest.raises(ProviderError) as ei:
-        vast.create(offer, spec(offer.dph))
+        vast.create(offer, spec(offer.bid))
     (rental,) = standin.rentals.values()
     assert rental.rent_type == "on-demand"  # what the server did
     assert ei.value.provider_id == str(rental.id)
@@ -226,7 +228,7 @@ def test_create_error_carrying_new_contract_destroys_the_leftover(
     standin.create_error_with_contract = 1
     offer = vast.search_offers(OfferFilter())[0]
     with pytest.raises(ProviderError) as ei:
-        vast.create(offer, spec(offer.dph))
+        vast.create(offer, spec(offer.bid))
     (rental,) = standin.rentals.values()
     assert ei.value.provider_id == str(rental.id)
     assert standin.live() == {} and standin.billing_rate() == 0
@@ -244,7 +246,7 @@ def test_offer_that_vanished_raises_retryable_and_leaves_the_cache(
     offers = vast.search_offers(OfferFilter())
     standin.take_offer(int(offers[0].offer_id))  # another renter was faster
     with pytest.raises(ProviderError) as ei:
-        vast.create(offers[0], spec(offers[0].dph))
+        vast.create(offers[0], spec(offers[0].bid))
     assert ei.value.retryable and ei.value.provider_id is None and "no_such_ask" in str(ei.value)
     assert standin.rentals == {}
     # The next tick's search comes from the cache and no longer offers it.
@@ -257,7 +259,7 @@ def test_offers_vanishing_between_search_and_create(vast: VastProvider, standin:
     standin.vanish_after_search = True
     offer = vast.search_offers(OfferFilter())[0]
     with pytest.raises(ProviderError) as ei:
-        vast.create(offer, spec(offer.dph))
+        vast.create(offer, spec(offer.bid))
     assert ei.value.retryable and standin.live() == {}
 
 
@@ -266,7 +268,7 @@ def test_5xx_on_create_is_not_retried(vast: VastProvider, standin: VastStandin) 
     offer = vast.search_offers(OfferFilter())[0]
     standin.fail_next(1, 503, "create")
     with pytest.raises(ProviderError) as ei:
-        vast.create(offer, spec(offer.dph))
+        vast.create(offer, spec(offer.bid))
     assert ei.value.retryable
     assert len(standin.of_kind("create")) == 1  # a retried create could rent twice
 
@@ -275,7 +277,7 @@ def test_429_on_create_is_retried_after_pacing(vast: VastProvider, standin: Vast
     standin.add_offer()
     offer = vast.search_offers(OfferFilter())[0]
     standin.fail_next(2, 429, "create")
-    iid = vast.create(offer, spec(offer.dph))
+    iid = vast.create(offer, spec(offer.bid))
     assert list(standin.live()) == [int(iid)]
     times = standin.request_times("create")
     assert len(times) == 3 and all(g >= 4.5 for g in gaps(times))
@@ -298,7 +300,7 @@ def test_every_endpoint_is_paced(vast: VastProvider, standin: VastStandin) -> No
     for _ in range(4):
         standin.add_offer()
     offers = vast.search_offers(OfferFilter())
-    ids = [vast.create(o, spec(o.dph)) for o in offers]
+    ids = [vast.create(o, spec(o.bid)) for o in offers]
     for _ in range(3):
         vast.list_instances("gpuq:")
     for iid in ids:
@@ -471,7 +473,7 @@ def test_api_key_stays_out_of_logs_errors_and_repr(
     offer = vast.search_offers(OfferFilter())[0]
     standin.create_error_with_contract = 1
     try:
-        vast.create(offer, spec(offer.dph))
+        vast.create(offer, spec(offer.bid))
     except ProviderError as e:
         errors.append(str(e))
     wrong = VastProvider("not-the-key", server_url=standin.url, clock=clock.now, sleep=clock.sleep)
