@@ -145,6 +145,7 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         offer_raw = dict(q.pop("offer", {}))
         # Local workers are not interruptible and have no Vast-style verification.
         offer_raw.setdefault("interruptible", provider != "local")
+        offer_raw["provider"] = provider  # a queue's offers come from its own provider only
         for key in ("gpu_names", "locations"):
             if key in offer_raw:
                 offer_raw[key] = tuple(offer_raw[key])

@@ -494,6 +494,8 @@ class _Ranker:
 
 def offer_matches(offer: Offer, f: OfferFilter) -> bool:
     """The filter, checked again here: an unknown value fails any requirement on it."""
+    if f.provider is not None and offer.provider != f.provider:
+        return False  # offers from every provider arrive in one list
     if f.gpu_names and _gpu_key(offer.gpu_name) not in {_gpu_key(g) for g in f.gpu_names}:
         return False
     if offer.vram_mb < f.min_vram_mb or offer.interruptible != f.interruptible:

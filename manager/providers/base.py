@@ -51,6 +51,7 @@ class OfferFilter:
     locations: tuple[str, ...] = ()  # country codes; empty: any
     interruptible: bool = True
     limit: int = 50
+    provider: str | None = None  # the provider the queue rents from; None: any
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,15 @@ def test_offer_filter() -> None:
         assert not offer_matches(dataclasses.replace(good, **change), f), change  # type: ignore[arg-type]
 
 
+def test_a_queue_rents_only_from_its_own_provider() -> None:
+    # offers from every enabled provider arrive in one list; a free local slot must not win a Vast queue
+    market = [offer("local-slot-0", 0.0, provider="local", interruptible=True), offer("v", 0.30)]
+    vast_queue = make_settings(offer_filter=OfferFilter(max_dph=1.3, provider="vast"))
+    assert [r.offer.offer_id for r in rents(run([snap(queued=1)], [], market, vast_queue))] == ["v"]
+    assert not offer_matches(market[0], OfferFilter(provider="vast"))
+    assert offer_matches(market[0], OfferFilter(provider=None, verified_only=False, min_disk_gb=0))
+
+
 # ------------------------------------------------------------------------------------------ allowed hours
 
 
