@@ -226,6 +226,19 @@ begin
                          p_job_id, p_attempt, j.status, j.attempt);
 end $$;
 
+-- The job row, locked for this transaction; GQ404 when there is none.
+create function gpuq._lock_job(p_job_id bigint) returns gpuq.jobs
+language plpgsql as $$
+declare
+    j gpuq.jobs;
+begin
+    select * into j from gpuq.jobs where id = p_job_id for update;
+    if not found then
+        raise exception using errcode = 'GQ404', message = format('job %s does not exist', p_job_id);
+    end if;
+    return j;
+end $$;
+
 -- End running jobs whose lease expired and that must not run again (attempts used up, or cancel
 -- requested while their worker was gone). Claimable ones are taken by claim_jobs directly.
 create function gpuq._end_expired(p_queues text[]) returns integer
@@ -582,10 +595,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     j gpuq.jobs;
 begin
-    select * into j from gpuq.jobs where id = p_job_id for update;
-    if not found then
-        raise exception using errcode = 'GQ404', message = format('job %s does not exist', p_job_id);
-    end if;
+    j := gpuq._lock_job(p_job_id);
     if j.status = 'queued' then
         update gpuq.jobs
            set status = 'cancelled', finished_at = now(), error_code = 'CANCELLED',
@@ -647,10 +657,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     j gpuq.jobs;
 begin
-    select * into j from gpuq.jobs where id = p_job_id for update;
-    if not found then
-        raise exception using errcode = 'GQ404', message = format('job %s does not exist', p_job_id);
-    end if;
+    j := gpuq._lock_job(p_job_id);
     if j.status not in ('failed', 'cancelled') then
         raise exception using errcode = 'GQ400',
             message = format('job %s is %s; only failed or cancelled jobs can be retried', p_job_id, j.status);
