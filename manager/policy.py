@@ -136,8 +136,10 @@ class QueuePolicy:
     target_jobs_per_instance: float = 2.0  # queued + running per instance before renting more
     target_utilisation: float = 0.85  # rent when recent load / instances goes above this
     # Give an instance back only when the rest would run below this: the band up to target_utilisation
-    # keeps a load that wobbles from renting and draining by turns (each cycle pays a boot).
-    scale_in_utilisation: float = 0.6
+    # keeps a load that wobbles from renting and draining by turns (each cycle pays a boot). 0.65, not
+    # 0.6: on the shipped traces it cuts idle hours with p95 wait unchanged; at 0.72 and above the
+    # steady trace's p95 wait jumps (the fleet sits too close to saturation between rents).
+    scale_in_utilisation: float = 0.65
     min_instances: int = 0
     max_instances: int = 4
     idle_timeout_s: float = 600.0

@@ -329,13 +329,24 @@ def test_load_scale_in_drains_the_dearest_busy_instance() -> None:
         inst("dear", S.BUSY, running=1, dph=0.9, gpu="A40"),
         inst("mid", S.BUSY, running=1, dph=0.5, gpu="A40"),
     ]
-    # Load 1.0 over 3 instances: two would run at 0.5, below scale_in_utilisation 0.6.
+    # Load 1.0 over 3 instances: two would run at 0.5, below scale_in_utilisation 0.65.
     low = snap(running=3, recent_load=1.0, throughput={"A40": 60.0})
     [action] = run([low], fleet, MARKET, make_settings(target_jobs_per_instance=10))
     assert isinstance(action, Drain) and action.instance.id == "dear"
     # Load 1.4: two would run at 0.7, inside the band: hold.
     held = dataclasses.replace(low, recent_load=1.4)
     assert run([held], fleet, MARKET, make_settings(target_jobs_per_instance=10)) == []
+
+
+def test_load_scale_in_threshold_is_pinned_at_0_65() -> None:
+    fleet = [inst(f"i{n}", S.BUSY, running=1, dph=0.3 + n / 10, gpu="A40") for n in range(3)]
+    settings = make_settings(target_jobs_per_instance=10)
+    assert QueuePolicy().scale_in_utilisation == 0.65
+    # Two would run at 0.645: below the threshold, give the dearest back.
+    [action] = run([snap(running=3, recent_load=1.29, throughput={"A40": 60.0})], fleet, MARKET, settings)
+    assert isinstance(action, Drain) and action.instance.id == "i2"
+    # Two would run at 0.66: hold.
+    assert run([snap(running=3, recent_load=1.32, throughput={"A40": 60.0})], fleet, MARKET, settings) == []
 
 
 def test_load_scale_in_never_takes_the_last_instance() -> None:
