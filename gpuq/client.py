@@ -204,7 +204,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+    def call(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        """Run one statement, normally `select … from gpuq.some_function(…)`, as its own transaction;
+        gpuq's refusals become GpuqError. The named methods below are the common calls."""
         with sql_errors():
             cur = self.conn.execute(sql, params)
             return cur.fetchall() if cur.description else []
@@ -226,7 +228,7 @@ class Client:
         """Queue a job; answers its id (the live job's id when the idempotency key is already live)."""
         if payload is not None and not isinstance(payload, dict):
             raise InvalidRequest(f"payload must be a JSON object, got {type(payload).__name__}")
-        rows = self._call(
+        rows = self.call(
             "select gpuq.enqueue(%s::text, %s::jsonb, %s::integer, %s::timestamptz, %s::integer, "
             "%s::integer, "
             "%s::integer, %s::text) as id",
@@ -245,19 +247,19 @@ class Client:
 
     def cancel(self, job_id: int) -> str:
         """Cancel: queued jobs at once, running ones through their worker. Answers the status now."""
-        return str(self._call("select gpuq.cancel_job(%s) as s", (job_id,))[0]["s"])
+        return str(self.call("select gpuq.cancel_job(%s) as s", (job_id,))[0]["s"])
 
     def retry(self, job_id: int) -> None:
-        self._call("select gpuq.retry_job(%s)", (job_id,))
+        self.call("select gpuq.retry_job(%s)", (job_id,))
 
     def get(self, job_id: int) -> Job:
-        rows = self._call("select * from gpuq.jobs where id = %s", (job_id,))
+        rows = self.call("select * from gpuq.jobs where id = %s", (job_id,))
         if not rows:
             raise JobNotFound(f"job {job_id} does not exist")
         return Job.from_row(rows[0])
 
     def list_jobs(self, *, queue: str | None = None, status: str | None = None, limit: int = 50) -> list[Job]:
-        rows = self._call(
+        rows = self.call(
             """select * from gpuq.jobs
                 where (%(queue)s::text is null or queue = %(queue)s)
                   and (%(status)s::text is null or status = %(status)s::gpuq.job_status)
@@ -267,7 +269,7 @@ class Client:
         return [Job.from_row(r) for r in rows]
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
-        return self._call("select * from gpuq.job_history(%s)", (job_id,))
+        return self.call("select * from gpuq.job_history(%s)", (job_id,))
 
     def wait(
         self,
@@ -313,7 +315,7 @@ class Client:
         version: str | None = None,
         hostname: str | None = None,
     ) -> int:
-        rows = self._call(
+        rows = self.call(
             "select gpuq.register_instance(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) as id",
             (
                 provider,
@@ -339,7 +341,7 @@ class Client:
         vram_mb: int | None = None,
         lease_seconds: int | None = None,
     ) -> list[Job]:
-        rows = self._call(
+        rows = self.call(
             "select * from gpuq.claim_jobs(%s, %s, %s, %s, %s)",
             (instance_id, list(queues), limit, vram_mb, lease_seconds or self.settings.lease_seconds),
         )
@@ -355,7 +357,7 @@ class Client:
         *,
         lease_seconds: int | None = None,
     ) -> HeartbeatReply:
-        rows = self._call(
+        rows = self.call(
             "select * from gpuq.heartbeat(%s, %s, %s, %s, %s)",
             (
                 instance_id,
@@ -381,15 +383,15 @@ class Client:
         )
 
     def progress(self, job_id: int, attempt: int, percent: int, message: str | None = None) -> None:
-        self._call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
+        self.call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
 
     def complete(self, job_id: int, attempt: int, result: dict[str, Any] | None = None) -> None:
         """Mark the attempt succeeded. Raises NotHeld if the lease passed and another took the job."""
-        self._call("select gpuq.complete_job(%s, %s, %s)", (job_id, attempt, _json(result or {})))
+        self.call("select gpuq.complete_job(%s, %s, %s)", (job_id, attempt, _json(result or {})))
 
     def complete_many(self, done: Sequence[tuple[int, int, dict[str, Any] | None]]) -> list[int]:
         """Complete several attempts in one transaction; answers the job ids no longer held."""
-        rows = self._call(
+        rows = self.call(
             "select * from gpuq.complete_jobs(%s, %s, %s::jsonb[])",
             (
                 [j for j, _, _ in done],
@@ -410,34 +412,34 @@ class Client:
         details: dict[str, Any] | None = None,
     ) -> str:
         """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
-        rows = self._call(
+        rows = self.call(
             "select gpuq.fail_job(%s, %s, %s, %s, %s, %s) as s",
             (job_id, attempt, str(error_code), message, retryable, _json(details)),
         )
         return str(rows[0]["s"])
 
     def release(self, instance_id: int, job_ids: Sequence[int] | None = None) -> int:
-        rows = self._call(
+        rows = self.call(
             "select gpuq.release_jobs(%s, %s) as n", (instance_id, None if job_ids is None else list(job_ids))
         )
         return int(rows[0]["n"])
 
     def drain_instance(self, instance_id: int, reason: str | None = None) -> None:
-        self._call("select gpuq.drain_instance(%s, %s)", (instance_id, reason))
+        self.call("select gpuq.drain_instance(%s, %s)", (instance_id, reason))
 
     def deregister_instance(self, instance_id: int, reason: str = "worker exited") -> int:
-        return int(self._call("select gpuq.deregister_instance(%s, %s) as n", (instance_id, reason))[0]["n"])
+        return int(self.call("select gpuq.deregister_instance(%s, %s) as n", (instance_id, reason))[0]["n"])
 
     # --- operators --------------------------------------------------------------------------------
 
     def reap_expired(self) -> int:
-        return int(self._call("select gpuq.reap_expired() as n")[0]["n"])
+        return int(self.call("select gpuq.reap_expired() as n")[0]["n"])
 
     def prune(self, older_than_seconds: float, batch: int = 10000) -> int:
         """Delete finished jobs older than that, in batches; answers how many went."""
         total = 0
         while True:
-            rows = self._call(
+            rows = self.call(
                 "select gpuq.prune_jobs(make_interval(secs => %s), %s) as n", (older_than_seconds, batch)
             )
             total += int(rows[0]["n"])
@@ -445,13 +447,13 @@ class Client:
                 return total
 
     def queue_stats(self) -> list[dict[str, Any]]:
-        return self._call("select * from gpuq.queue_stats()")
+        return self.call("select * from gpuq.queue_stats()")
 
     def instance_stats(self, tz: str = "UTC") -> list[dict[str, Any]]:
-        return self._call("select * from gpuq.instance_stats(%s)", (tz,))
+        return self.call("select * from gpuq.instance_stats(%s)", (tz,))
 
     def failure_stats(self, since_seconds: float = 86400) -> list[dict[str, Any]]:
-        return self._call("select * from gpuq.failure_stats(make_interval(secs => %s))", (since_seconds,))
+        return self.call("select * from gpuq.failure_stats(make_interval(secs => %s))", (since_seconds,))
 
 
 def open_client(settings: Settings) -> Client:

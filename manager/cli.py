@@ -110,7 +110,7 @@ def _status(client: Client, ms: ManagerSettings, days: int) -> int:
         f"${ms.policy.max_total_dph:.2f}/h"
     )
     print_table(
-        client._call("select * from gpuq.manager_instances()"),
+        client.call("select * from gpuq.manager_instances()"),
         [
             "id",
             "provider",
@@ -124,13 +124,13 @@ def _status(client: Client, ms: ManagerSettings, days: int) -> int:
             "running_jobs",
         ],
     )
-    today = client._call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]
+    today = client.call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]
     print(f"\nspend today ({tz}): ${float(today):.4f}")
     print(f"\nspend per day  (select * from gpuq.spend_by_day('{tz}', {days}))")
-    print_table(client._call("select * from gpuq.spend_by_day(%s, %s)", (tz, days)))
+    print_table(client.call("select * from gpuq.spend_by_day(%s, %s)", (tz, days)))
     print("\nspend per instance, last 24 h  (select * from gpuq.spend_by_instance(now() - interval '1 day'))")
     print_table(
-        client._call("select * from gpuq.spend_by_instance(now() - interval '1 day')"),
+        client.call("select * from gpuq.spend_by_instance(now() - interval '1 day')"),
         [
             "instance_id",
             "provider",

@@ -88,7 +88,7 @@ def reconcile(
     rows = managed_instances(client, label_prefix)
     age = {
         r["id"]: float(r["age"])
-        for r in client._call(
+        for r in client.call(
             "select id, extract(epoch from now() - created_at) as age from gpuq.manager_instances()"
         )
     }
@@ -117,7 +117,7 @@ def _reconcile_provider(
     name = provider.name
     verb = "would " if dry_run else ""
     known = {
-        r["provider_instance_id"]: r for r in client._call("select * from gpuq.manager_known(%s)", (name,))
+        r["provider_instance_id"]: r for r in client.call("select * from gpuq.manager_known(%s)", (name,))
     }
     # provider id -> (instance row id or None, reason, $/h, is a live row)
     doomed: dict[str, tuple[int | None, str, float, bool]] = {}
@@ -134,7 +134,7 @@ def _reconcile_provider(
             report.say(f"{verb}destroy {reason}, billing ${p.dph or 0:.3f}/h")
             doomed[p.provider_id] = (k["id"] if k else None, reason, p.dph or 0.0, False)
             if not dry_run and k is None:
-                adopted = client._call(
+                adopted = client.call(
                     "select gpuq.adopt_orphan(%s, %s, %s, %s::numeric, %s, %s, %s) as id",
                     (name, p.provider_id, p.label, p.dph or 0, p.machine_id, p.gpu_name, p.started_at),
                 )[0]["id"]
@@ -150,13 +150,13 @@ def _reconcile_provider(
             )
             report.failed.append(row.id)
             if not dry_run:
-                client._call("select gpuq.mark_failed(%s, %s)", (row.id, reason))
+                client.call("select gpuq.mark_failed(%s, %s)", (row.id, reason))
             doomed[p.provider_id] = (row.id, reason, row.dph, True)
             continue
         if row.status == InstanceState.REQUESTED:
             report.booting.append(row.id)
             if not dry_run:
-                client._call("select gpuq.mark_booting(%s, %s)", (row.id, f"{name}: {p.raw_status}"))
+                client.call("select gpuq.mark_booting(%s, %s)", (row.id, f"{name}: {p.raw_status}"))
         if p.dph is not None and abs(p.dph - row.dph) > 1e-6:
             report.say(
                 f"{verb}record instance {row.id}'s price: ${row.dph:.4f}/h -> ${p.dph:.4f}/h "
@@ -164,7 +164,7 @@ def _reconcile_provider(
             )
             report.price_changes.append(row.id)
             if not dry_run:
-                client._call(
+                client.call(
                     "select gpuq.record_price_change(%s, %s::numeric, %s)", (row.id, p.dph, f"{name} listing")
                 )
 
@@ -178,7 +178,7 @@ def _reconcile_provider(
         )
         report.lost.append(row.id)
         if not dry_run:
-            client._call("select gpuq.mark_lost(%s, %s)", (row.id, f"{name} no longer shows it"))
+            client.call("select gpuq.mark_lost(%s, %s)", (row.id, f"{name} no longer shows it"))
 
     if dry_run or not doomed:
         return
@@ -186,7 +186,7 @@ def _reconcile_provider(
     for pid in sorted(gone):
         db_id, reason, _, _ = doomed[pid]
         if db_id is not None:
-            client._call("select gpuq.record_destroy(%s, %s, true)", (db_id, reason))
+            client.call("select gpuq.record_destroy(%s, %s, true)", (db_id, reason))
         if reason.startswith("orphan"):
             report.orphans_destroyed.append(f"{name}:{pid}")
     for pid in sorted(still):

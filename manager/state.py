@@ -60,7 +60,7 @@ class Snapshot:
 
 
 def live_instances(client: Client) -> list[DbInstance]:
-    return [DbInstance.from_row(r) for r in client._call("select * from gpuq.manager_instances()")]
+    return [DbInstance.from_row(r) for r in client.call("select * from gpuq.manager_instances()")]
 
 
 def managed_instances(client: Client, label_prefix: str) -> list[DbInstance]:
@@ -72,7 +72,7 @@ def managed_instances(client: Client, label_prefix: str) -> list[DbInstance]:
 def read_snapshot(client: Client, budget_tz: str, label_prefix: str, *, other_dph: float = 0.0) -> Snapshot:
     """Queues, our live instances, today's spend and the machines to avoid."""
     throughput: dict[str, dict[str, float]] = {}
-    for r in client._call("select * from gpuq.manager_throughput()"):
+    for r in client.call("select * from gpuq.manager_throughput()"):
         throughput.setdefault(r["queue"], {})[r["gpu_name"]] = float(r["jobs_per_hour"])
     queues = [
         QueueSnapshot(
@@ -85,9 +85,9 @@ def read_snapshot(client: Client, budget_tz: str, label_prefix: str, *, other_dp
             last_rent_at=r["last_rent_at"],
             throughput=throughput.get(r["queue"], {}),
         )
-        for r in client._call("select * from gpuq.manager_queues()")
+        for r in client.call("select * from gpuq.manager_queues()")
     ]
     instances = managed_instances(client, label_prefix)
-    today = client._call("select gpuq.spend_today(%s) as usd", (budget_tz,))[0]["usd"]
-    avoided = frozenset(r["m"] for r in client._call("select gpuq.avoided_machine_ids() as m"))
+    today = client.call("select gpuq.spend_today(%s) as usd", (budget_tz,))[0]["usd"]
+    avoided = frozenset(r["m"] for r in client.call("select gpuq.avoided_machine_ids() as m"))
     return Snapshot(queues, instances, Spend(today=float(today), other_dph=other_dph), avoided)

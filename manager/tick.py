@@ -63,7 +63,7 @@ class Manager:
 def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> TickResult:
     result = TickResult()
     if not dry_run:
-        got = m.client._call("select pg_try_advisory_lock(%s) as got", (TICK_LOCK,))[0]["got"]
+        got = m.client.call("select pg_try_advisory_lock(%s) as got", (TICK_LOCK,))[0]["got"]
         if not got:
             log.info("another manager tick is running; skipping this one")
             result.skipped = True
@@ -73,7 +73,7 @@ def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> T
         _tick(m, result, dry_run, now)
     finally:
         if not dry_run:
-            m.client._call("select pg_advisory_unlock(%s)", (TICK_LOCK,))
+            m.client.call("select pg_advisory_unlock(%s)", (TICK_LOCK,))
     m.metrics.inc("gpuq_manager_ticks_total")
     m.metrics.set("gpuq_manager_tick_duration_seconds", time.monotonic() - started)
     m.metrics.set("gpuq_manager_last_tick_timestamp_seconds", time.time())
@@ -97,7 +97,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
 
     snap = read_snapshot(m.client, s.policy.budget_tz, s.label_prefix, other_dph=rec.other_dph)
     if now is None:
-        now = m.client._call("select now() as t")[0]["t"]
+        now = m.client.call("select now() as t")[0]["t"]
     offers = _offers(m, snap, now, result)
     actions = decide(
         snap.queues, snap.views, offers, s.policy, now, spend=snap.spend, avoided_machines=snap.avoided
@@ -158,7 +158,7 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         provider = m.providers[offer.provider]
         provider_id = provider.create(offer, launch_spec(s, action.queue, offer))
         # A crash between create and this record leaves an orphan: the next tick destroys it by label.
-        client._call(
+        client.call(
             "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
             "%s::text[], %s)",
             (
@@ -194,19 +194,19 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
             if still:
                 # Still billing: keep it on the books as failed, so the caps count it and the next
                 # tick destroys it again.
-                client._call(
+                client.call(
                     "select gpuq.mark_failed(%s, %s)", (inst.id, f"destroy not confirmed: {action.reason}")
                 )
                 result.reconcile.unverified.append(f"{inst.provider}:{inst.provider_instance_id}")
                 raise ProviderError(f"{inst.provider} still lists {inst.provider_instance_id} after destroy")
         elif provider is None:
             raise ProviderError(f"instance {inst.id}: provider {inst.provider} is not enabled")
-        client._call("select gpuq.record_destroy(%s, %s, %s)", (inst.id, action.reason, action.release_jobs))
+        client.call("select gpuq.record_destroy(%s, %s, %s)", (inst.id, action.reason, action.release_jobs))
         result.destroyed.append(inst.id)
         _say(m, result, action.reason)
     elif isinstance(action, AvoidMachine):
         provider = next((i.provider for i in by_id.values() if i.view.machine_id == action.machine_id), "any")
-        client._call("select gpuq.avoid_machine(%s, %s, %s)", (provider, action.machine_id, action.reason))
+        client.call("select gpuq.avoid_machine(%s, %s, %s)", (provider, action.machine_id, action.reason))
         _say(m, result, f"avoid machine {action.machine_id}: {action.reason}")
 
 

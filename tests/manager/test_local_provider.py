@@ -141,15 +141,15 @@ def test_end_to_end_jobs_enqueued_workers_started_jobs_done_idle_workers_stopped
         assert {client.get(j).status for j in jobs} == {"succeeded"}
         wait_for(
             lambda: (
-                {r["status"] for r in client._call("select status from gpuq.manager_instances()")} == {"idle"}
+                {r["status"] for r in client.call("select status from gpuq.manager_instances()")} == {"idle"}
             ),
             30,
             "the workers to report idle",
         )
         time.sleep(1.2)  # past the idle timeout
         assert run_tick() == []
-        assert client._call("select * from gpuq.manager_instances()") == []
-        ended = client._call("select status, end_reason from gpuq.instances order by id")
+        assert client.call("select * from gpuq.manager_instances()") == []
+        ended = client.call("select status, end_reason from gpuq.instances order by id")
         assert [r["status"] for r in ended] == ["terminated", "terminated"]
         assert all("idle" in r["end_reason"] for r in ended)
         for pid in pids:

@@ -63,7 +63,7 @@ def enqueue(db: Client, n: int, queue: str = "tryon") -> list[int]:
 
 
 def rows(db: Client, sql: str, *args: Any) -> list[dict[str, Any]]:
-    return db._call(sql, args)
+    return db.call(sql, args)
 
 
 def our_live(standin: VastStandin) -> dict[int, Any]:
@@ -218,7 +218,7 @@ def db_state(db: Client) -> tuple[Any, ...]:
 
 
 def test_spend_per_instance_day_and_job_add_up(db: Client) -> None:
-    iid = db._call(
+    iid = db.call(
         "select gpuq.record_rent('vast', '77', 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, 3.6, "
         "true, array['tryon'], 'test') as id"
     )[0]["id"]
@@ -238,18 +238,18 @@ def test_spend_per_instance_day_and_job_add_up(db: Client) -> None:
     db.conn.execute(
         "update gpuq.jobs set started_at = finished_at - interval '5 minutes' where id = %s", (b,)
     )
-    db._call("select gpuq.record_price_change(%s, 7.2, 'test')", (iid,))
+    db.call("select gpuq.record_price_change(%s, 7.2, 'test')", (iid,))
     db.conn.execute(
         "update gpuq.instance_events set at = now() - interval '30 minutes' where event = 'price_changed'"
     )
-    db._call("select gpuq.record_destroy(%s, 'scale in', false)", (iid,))
+    db.call("select gpuq.record_destroy(%s, 'scale in', false)", (iid,))
 
-    (inst,) = db._call("select * from gpuq.spend_by_instance()")
+    (inst,) = db.call("select * from gpuq.spend_by_instance()")
     assert float(inst["cost_usd"]) == pytest.approx(0.5 * 3.6 + 0.5 * 7.2, abs=0.01)  # 30 min at each price
     assert inst["hours"] == pytest.approx(1.0, abs=0.01)
     assert inst["status"] == "terminated" and inst["end_reason"] == "scale in"
 
-    jobs = {r["job_id"]: r for r in db._call("select * from gpuq.spend_by_job()")}
+    jobs = {r["job_id"]: r for r in db.call("select * from gpuq.spend_by_job()")}
     total = sum(float(r["cost_usd"]) for r in jobs.values())
     assert total == pytest.approx(
         float(inst["cost_usd"]), abs=0.001
@@ -259,14 +259,14 @@ def test_spend_per_instance_day_and_job_add_up(db: Client) -> None:
     )  # by run time
     assert jobs[a]["run_seconds"] == pytest.approx(600, abs=1)
 
-    days = db._call("select * from gpuq.spend_by_day('UTC', 2)")
+    days = db.call("select * from gpuq.spend_by_day('UTC', 2)")
     assert sum(float(d["cost_usd"]) for d in days) == pytest.approx(float(inst["cost_usd"]), abs=0.001)
-    today = float(db._call("select gpuq.spend_today('UTC') as usd")[0]["usd"])
+    today = float(db.call("select gpuq.spend_today('UTC') as usd")[0]["usd"])
     assert 0 < today <= float(inst["cost_usd"]) + 1e-6
 
 
 def test_a_destroy_recorded_after_the_worker_deregistered_bills_until_the_destroy(db: Client) -> None:
-    iid = db._call(
+    iid = db.call(
         "select gpuq.record_rent('vast', '78', 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, 3.6, "
         "false, array['tryon']) as id"
     )[0]["id"]
@@ -274,12 +274,12 @@ def test_a_destroy_recorded_after_the_worker_deregistered_bills_until_the_destro
     db.register_instance("vast", "78", queues=["tryon"])
     db.deregister_instance(iid)  # the worker exited 8 minutes ago; the machine billed on until destroyed
     db.conn.execute("update gpuq.instances set terminated_at = now() - interval '8 minutes'")
-    at = db._call("select now() as t")[0]["t"]
-    db._call("select gpuq.record_destroy(%s, 'orphan: terminated in the database', true, %s)", (iid, at))
-    (row,) = db._call("select * from gpuq.instances")
+    at = db.call("select now() as t")[0]["t"]
+    db.call("select gpuq.record_destroy(%s, 'orphan: terminated in the database', true, %s)", (iid, at))
+    (row,) = db.call("select * from gpuq.instances")
     assert row["terminated_at"] == at and row["status"] == "terminated"
     assert row["end_reason"] == "orphan: terminated in the database"
-    (spend,) = db._call("select * from gpuq.spend_by_instance()")
+    (spend,) = db.call("select * from gpuq.spend_by_instance()")
     assert float(spend["cost_usd"]) == pytest.approx(3.6 / 6, abs=0.01)
 
 
