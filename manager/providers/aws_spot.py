@@ -113,7 +113,11 @@ class AwsSpotProvider:
         clock: Callable[[], float] = time.monotonic,
         search_ttl_s: float = 60.0,
         page_size: int = 500,
+        price_margin: float = 0.2,
     ) -> None:
+        # Spot bills the market price, up to our MaxPrice: bid this much over today's price so a small
+        # rise does not interrupt us, and let the money caps see that ceiling, not today's price.
+        self._price_margin = price_margin
         # boto3's "standard" retry mode backs off on throttling (RequestLimitExceeded) and 5xx; the
         # ClientToken we send makes a retried RunInstances safe.
         self._ec2 = client or boto3.client(
@@ -189,7 +193,8 @@ class AwsSpotProvider:
             f = facts.get(itype)
             if f is None or (subnet_az and az != subnet_az):
                 continue
-            if filters.max_dph is not None and price > filters.max_dph:
+            ceiling = price * (1 + self._price_margin)
+            if filters.max_dph is not None and ceiling > filters.max_dph:
                 continue
             offers.append(
                 Offer(
@@ -198,8 +203,9 @@ class AwsSpotProvider:
                     gpu_name=f.gpu_name,
                     num_gpus=f.num_gpus,
                     vram_mb=f.vram_mb,
-                    dph=price,
+                    dph=ceiling,  # the most it can bill: the MaxPrice we bid
                     interruptible=True,
+                    bid=ceiling,
                     verified=True,
                     location=country,
                 )
@@ -252,7 +258,7 @@ class AwsSpotProvider:
             raise ProviderError(f"user data is {len(user_data.encode())} bytes; EC2 takes {USER_DATA_MAX}")
         spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
         if spec.bid_price is not None:
-            spot["MaxPrice"] = f"{spec.bid_price:.5f}"  # else capped at the on-demand price
+            spot["MaxPrice"] = f"{spec.bid_price:.6f}"  # else capped at the on-demand price
         tags = [{"Key": LABEL_TAG, "Value": spec.label}, {"Key": "Name", "Value": spec.label}]
         args: dict[str, Any] = {
             "ImageId": self._ami_id,

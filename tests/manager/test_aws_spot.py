@@ -100,7 +100,8 @@ def test_offers_per_type_and_zone_priced_from_spot_history(aws: AwsSpotProvider,
     assert [o.dph for o in offers] == sorted(o.dph for o in offers)
     history = ec2.describe_spot_price_history(InstanceTypes=["g5.xlarge"])["SpotPriceHistory"]
     g5 = next(o for o in offers if o.offer_id.startswith("g5.xlarge@"))
-    assert g5.dph == pytest.approx(float(history[0]["SpotPrice"]))
+    # the bid (MaxPrice) is 20 % over today's price, and the money caps see that ceiling
+    assert g5.bid == g5.dph == pytest.approx(float(history[0]["SpotPrice"]) * 1.2, rel=1e-9)
     assert (g5.gpu_name, g5.vram_mb, g5.num_gpus, g5.interruptible, g5.location) == (
         "A10G",
         22_888,
@@ -167,7 +168,9 @@ def test_list_by_label_prefix_across_pages_and_states(moto_url: str, ec2: object
     listed = aws.list_instances("gpuq:test:")
     assert {i.provider_id for i in listed} == mine
     assert all(i.status == ProviderStatus.RUNNING and i.label == LABEL for i in listed)
-    assert all(i.gpu_name == "T4" and i.started_at is not None and i.dph == offer.dph for i in listed)
+    assert all(i.gpu_name == "T4" and i.started_at is not None for i in listed)
+    # a listing says what it bills now, the market price; the offer showed the ceiling we bid (20 % over)
+    assert all(i.dph == pytest.approx(offer.dph / 1.2, rel=1e-9) for i in listed)
     assert len(aws.list_instances("gpuq:")) == 8
 
 
