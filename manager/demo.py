@@ -9,6 +9,7 @@ been idle for the idle timeout the manager stops the workers again.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,6 +28,13 @@ OPS = (
     [{"op": "blur", "radius": 4}, {"op": "grayscale"}],
     [{"op": "resize", "width": 128, "height": 128}, {"op": "invert"}],
 )
+
+
+class _QuietIdleTicks(logging.Filter):
+    """The demo ticks every second; its idle ticks would bury the lines that show something happening."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("nothing to do")
 
 
 def make_inputs(directory: Path, count: int) -> list[Path]:
@@ -91,6 +99,7 @@ def run_demo(
     timeout_s: float = 300.0,
 ) -> int:
     client = open_client(settings)
+    logging.getLogger("gpuq.manager").addFilter(_QuietIdleTicks())
     try:
         ms = demo_settings(settings.data_dir, idle_timeout_s)
         providers = build_providers(ms, client.url, settings)
