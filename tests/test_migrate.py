@@ -90,6 +90,9 @@ def supabase_like_db() -> Iterator[str]:
         "select * from gpuq.claim_jobs(1, '{q}', 1)",
         "select * from gpuq.queue_stats()",
         "select * from gpuq.instances",
+        "select * from gpuq.manager_instances()",
+        "select * from gpuq.spend_by_day('UTC')",
+        "select * from gpuq.avoided_machines",
     ],
 )
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -110,6 +113,21 @@ def test_worker_role_runs_worker_functions_only(supabase_like_db: str) -> None:
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             as_role(supabase_like_db, "gpuq_worker", sql)
+
+
+def test_manager_role_runs_manager_functions_only(supabase_like_db: str) -> None:
+    as_role(supabase_like_db, "gpuq_manager", "select * from gpuq.manager_instances()")
+    as_role(supabase_like_db, "gpuq_manager", "select gpuq.reap_expired()")
+    as_role(supabase_like_db, "gpuq_manager", "select * from gpuq.spend_by_day('UTC')")
+    for sql in (
+        "select * from gpuq.jobs",
+        "select * from gpuq.instances",
+        "select gpuq.enqueue('q', '{}')",
+        "select * from gpuq.claim_jobs(1, '{q}', 1)",
+        "select gpuq.prune_jobs()",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(supabase_like_db, "gpuq_manager", sql)
 
 
 def test_app_role_enqueues_and_reads_but_cannot_rewrite_state(supabase_like_db: str) -> None:
