@@ -234,24 +234,29 @@ def gpuq_drain_worker(url: str, index: int, batch: int, barrier: Barrier) -> dic
     return out
 
 
-def gpuq_drain(url: str, n: int, k: int, batch: int) -> DrainResult:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("insert into gpuq.jobs (queue) select %s from generate_series(1, %s)", (DRAIN_QUEUE, n))
-        conn.execute("vacuum analyze gpuq.jobs")
+def run_drain_processes(
+    target: Callable[..., dict[str, float]], worker_args: list[tuple[Any, ...]]
+) -> tuple[list[dict[str, float]], float, str]:
+    """One process per worker_args entry, all released by one barrier (each gets it as its last
+    argument); answers their results, the seconds from release to the last finish, and jobs per worker."""
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(k + 1)
+    barrier = ctx.Barrier(len(worker_args) + 1)
     results = ctx.Queue()
-    procs = [
-        ctx.Process(target=guarded, args=(gpuq_drain_worker, results, url, i, batch, barrier))
-        for i in range(k)
-    ]
+    procs = [ctx.Process(target=guarded, args=(target, results, *a, barrier)) for a in worker_args]
     for p in procs:
         p.start()
     barrier.wait(timeout=120)
     t0 = time.time()
     outs = collect(results, procs, DRAIN_TIMEOUT_S)
     seconds = max(o["end"] for o in outs) - t0
-    per_worker = "/".join(str(o["done"]) for o in outs)
+    return outs, seconds, "/".join(str(o["done"]) for o in outs)
+
+
+def gpuq_drain(url: str, n: int, k: int, batch: int) -> DrainResult:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("insert into gpuq.jobs (queue) select %s from generate_series(1, %s)", (DRAIN_QUEUE, n))
+        conn.execute("vacuum analyze gpuq.jobs")
+    outs, seconds, per_worker = run_drain_processes(gpuq_drain_worker, [(url, i, batch) for i in range(k)])
     claims = sum(o["claims"] for o in outs)
     claim_ms = sum(o["in_claim"] for o in outs) / claims * 1000
     complete_ms = sum(o["in_complete"] for o in outs) / claims * 1000
@@ -429,20 +434,9 @@ def pgq_drain_worker(url: str, driver: str, consumers: int, batch: int, barrier:
 
 def pgq_drain(url: str, n: int, procs_n: int, consumers: int, batch: int, driver: str) -> DrainResult:
     run_async(pgq_prepare(url, n))
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(procs_n + 1)
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=guarded, args=(pgq_drain_worker, results, url, driver, consumers, batch, barrier))
-        for _ in range(procs_n)
-    ]
-    for p in procs:
-        p.start()
-    barrier.wait(timeout=120)
-    t0 = time.time()
-    outs = collect(results, procs, DRAIN_TIMEOUT_S)
-    seconds = max(o["end"] for o in outs) - t0
-    per_worker = "/".join(str(o["done"]) for o in outs)
+    outs, seconds, per_worker = run_drain_processes(
+        pgq_drain_worker, [(url, driver, consumers, batch)] * procs_n
+    )
 
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
