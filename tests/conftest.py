@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from moto.server import ThreadedMotoServer
 from psycopg.conninfo import make_conninfo
 
 from gpuq.client import Client
@@ -73,3 +74,13 @@ def client(db_url: str, settings: Settings) -> Iterator[Client]:
 @pytest.fixture
 def instance(client: Client) -> int:
     return client.register_instance("manual", None, gpu_name="Test GPU", vram_mb=24000, queues=["q"])
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """moto's AWS server (S3, EC2) on a free loopback port, one per test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from manager.providers import aws_spot
 from manager.providers.aws_spot import LABEL_TAG, AwsSpotProvider, GpuFacts, build_user_data
@@ -17,15 +16,6 @@ from manager.providers.base import LaunchSpec, OfferFilter, ProviderError, Provi
 REGION = "eu-central-1"
 LABEL = "gpuq:test:tts"
 TYPES = ("g4dn.xlarge", "g5.xlarge", "g6.xlarge")
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

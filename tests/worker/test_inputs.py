@@ -13,7 +13,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.errors import ErrorCode, JobError
@@ -104,15 +103,6 @@ def no_storage_env(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """aws_env (tests/worker/conftest.py), and no Supabase configuration either."""
     monkeypatch.delenv("SUPABASE_URL", raising=False)
     monkeypatch.delenv("SUPABASE_SERVICE_ROLE_KEY", raising=False)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -260,13 +250,13 @@ def test_unknown_schemes(tmp_path: Path, ref: str) -> None:
 # -- s3:// and supabase:// through the storage kinds
 
 
-def test_s3_inputs(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_inputs(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = f"in-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     client.put_object(Bucket=bucket, Key="refs/garment.png", Body=BODY)
 
-    storages = {"s3": S3Storage("outputs-bucket", endpoint_url=moto_endpoint)}
+    storages = {"s3": S3Storage("outputs-bucket", endpoint_url=moto_url)}
     got = fetch(f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages)
     assert (got.name, got.read_bytes()) == ("garment.png", BODY)
     fails(ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/none.png", tmp_path, storages=storages)
@@ -275,7 +265,7 @@ def test_s3_inputs(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.Monke
     )
 
     # With no storage given, one is built from the environment.
-    monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_url)
     assert fetch(f"s3://{bucket}/refs/garment.png", tmp_path / "env").read_bytes() == BODY
 
 

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.errors import ErrorCode, JobError
@@ -25,28 +24,19 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 KEY = "tryon/2026-11-22/123/out.png"
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 pytestmark = pytest.mark.usefixtures("aws_env")  # tests/worker/conftest.py
 
 
 @pytest.fixture
-def bucket(moto_endpoint: str) -> str:
+def bucket(moto_url: str) -> str:
     name = f"gpuq-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture
-def s3(moto_endpoint: str) -> object:
-    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+def s3(moto_url: str) -> object:
+    return boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +97,8 @@ def test_local_get_round_trip_and_limits(tmp_path: Path, png: Path) -> None:
 # -- S3 through moto's server
 
 
-def test_s3_private_put_stores_content_type_and_presigns(
-    moto_endpoint: str, bucket: str, s3, png: Path
-) -> None:
-    storage = S3Storage(bucket, "/results/", endpoint_url=moto_endpoint)
+def test_s3_private_put_stores_content_type_and_presigns(moto_url: str, bucket: str, s3, png: Path) -> None:
+    storage = S3Storage(bucket, "/results/", endpoint_url=moto_url)
     url = storage.put(KEY, png, "image/png")
 
     head = s3.head_object(Bucket=bucket, Key=f"results/{KEY}")
@@ -118,7 +106,7 @@ def test_s3_private_put_stores_content_type_and_presigns(
     assert head["ContentLength"] == len(PNG)
 
     parts = urlsplit(url)
-    assert f"{parts.scheme}://{parts.netloc}" == moto_endpoint
+    assert f"{parts.scheme}://{parts.netloc}" == moto_url
     assert parts.path == f"/{bucket}/results/{KEY}"  # path-style against a custom endpoint
     assert "X-Amz-Signature=" in parts.query
     assert "X-Amz-Expires=604800" in parts.query
@@ -130,8 +118,8 @@ def test_s3_private_put_stores_content_type_and_presigns(
     assert requests.get(url.split("?")[0], timeout=10).status_code == 403
 
 
-def test_s3_put_overwrites_on_retry(moto_endpoint: str, bucket: str, s3, tmp_path: Path) -> None:
-    storage = S3Storage(bucket, endpoint_url=moto_endpoint)
+def test_s3_put_overwrites_on_retry(moto_url: str, bucket: str, s3, tmp_path: Path) -> None:
+    storage = S3Storage(bucket, endpoint_url=moto_url)
     first, second = tmp_path / "a.wav", tmp_path / "b.wav"
     first.write_bytes(b"attempt 1")
     second.write_bytes(b"attempt 2")
@@ -141,7 +129,7 @@ def test_s3_put_overwrites_on_retry(moto_endpoint: str, bucket: str, s3, tmp_pat
     assert body == b"attempt 2"
 
 
-def test_s3_public_urls(moto_endpoint: str, bucket: str, s3, png: Path) -> None:
+def test_s3_public_urls(moto_url: str, bucket: str, s3, png: Path) -> None:
     # A public bucket is the operator's doing: a policy that lets anyone read objects.
     policy = {
         "Version": "2012-10-17",
@@ -155,22 +143,22 @@ def test_s3_public_urls(moto_endpoint: str, bucket: str, s3, png: Path) -> None:
         ],
     }
     s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
-    public = S3Storage(bucket, "p", endpoint_url=moto_endpoint, public=True)
+    public = S3Storage(bucket, "p", endpoint_url=moto_url, public=True)
     url = public.put("q/2026-11-22/1/my file.png", png, "image/png")
-    assert url == f"{moto_endpoint}/{bucket}/p/q/2026-11-22/1/my%20file.png"
+    assert url == f"{moto_url}/{bucket}/p/q/2026-11-22/1/my%20file.png"
     r = requests.get(url, timeout=10)
     assert r.content == PNG
     assert r.headers["Content-Type"] == "image/png"
 
-    cdn = S3Storage(bucket, endpoint_url=moto_endpoint, public_base_url="https://cdn.example.com/media/")
+    cdn = S3Storage(bucket, endpoint_url=moto_url, public_base_url="https://cdn.example.com/media/")
     assert cdn.put("k.png", png, "image/png") == "https://cdn.example.com/media/k.png"
 
     aws = S3Storage(bucket, public=True, region="eu-west-1", client=public.client)
     assert aws.url_for("a/b.png") == f"https://{bucket}.s3.eu-west-1.amazonaws.com/a/b.png"
 
 
-def test_s3_put_failures_are_upload_failed(moto_endpoint: str, png: Path) -> None:
-    missing_bucket = S3Storage(f"absent-{uuid.uuid4().hex[:8]}", endpoint_url=moto_endpoint)
+def test_s3_put_failures_are_upload_failed(moto_url: str, png: Path) -> None:
+    missing_bucket = S3Storage(f"absent-{uuid.uuid4().hex[:8]}", endpoint_url=moto_url)
     err = raises_code(ErrorCode.UPLOAD_FAILED, missing_bucket.put, KEY, png, "image/png")
     assert err.retryable
     down = S3Storage("b", endpoint_url=f"http://127.0.0.1:{closed_port()}")
@@ -178,8 +166,8 @@ def test_s3_put_failures_are_upload_failed(moto_endpoint: str, png: Path) -> Non
     raises_code(ErrorCode.UPLOAD_FAILED, missing_bucket.put, KEY, png.with_name("nope.png"), "image/png")
 
 
-def test_s3_get(moto_endpoint: str, bucket: str, png: Path, tmp_path: Path) -> None:
-    storage = S3Storage(bucket, endpoint_url=moto_endpoint)
+def test_s3_get(moto_url: str, bucket: str, png: Path, tmp_path: Path) -> None:
+    storage = S3Storage(bucket, endpoint_url=moto_url)
     storage.put("in/avatar.png", png, "image/png")
     dest = tmp_path / "got" / "avatar.png"
     assert storage.get(f"s3://{bucket}/in/avatar.png", dest, max_bytes=len(PNG)) == dest
@@ -322,17 +310,15 @@ def test_storage_from_url_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert storage.root == root.resolve()
 
 
-def test_storage_from_url_s3(
-    moto_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch, png: Path
-) -> None:
-    monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_endpoint)
+def test_storage_from_url_s3(moto_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch, png: Path) -> None:
+    monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_url)
     storage = storage_from_url(f"s3://{bucket}/outputs/?public=true")
     assert isinstance(storage, S3Storage)
     assert (storage.bucket, storage.prefix, storage.public) == (bucket, "outputs", True)
-    assert storage.put(KEY, png, "image/png") == f"{moto_endpoint}/{bucket}/outputs/{KEY}"
+    assert storage.put(KEY, png, "image/png") == f"{moto_url}/{bucket}/outputs/{KEY}"
 
     monkeypatch.delenv("GPUQ_S3_ENDPOINT_URL")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     signed = storage_from_url(f"s3://{bucket}?expires_in=600")
     assert "X-Amz-Expires=600" in signed.put(KEY, png, "image/png")
 
