@@ -103,7 +103,7 @@ class QueueSnapshot:
     running: int
     oldest_wait_s: float = 0.0
     recent_load: float | None = None  # mean running jobs over the last ~20 minutes; None: unknown
-    arrivals_per_hour: float | None = None  # jobs enqueued per hour lately; None: unknown
+    arrivals_per_hour: float | None = None  # jobs enqueued per hour over the last hour; None: unknown
     last_rent_at: datetime | None = None  # the queue's latest rent, for the scale-in cooldown
     # Measured from finished jobs of this queue: GPU name -> jobs per busy hour.
     throughput: Mapping[str, float] = field(default_factory=dict)

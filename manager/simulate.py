@@ -627,7 +627,7 @@ class Simulation:
         busy = sum(
             min(end if end is not None else self.now, self.now) - max(start, since) for start, end, _ in runs
         )
-        recent = sum(1 for j in self.jobs if self.now - 3600 < j.arrival <= self.now)
+        recent = sum(1 for j in self.jobs if self.now - 3600 < j.arrival <= self.now)  # as manager_queues()
         measured = {gpu: n / (s / 3600) for gpu, (n, s) in self.measured[queue].items() if s > 0}
         last_rent = self.last_rent.get(queue)
         return QueueSnapshot(

@@ -214,6 +214,32 @@ def db_state(db: Client) -> tuple[Any, ...]:
     )
 
 
+def test_snapshot_counts_arrivals_over_an_hour_and_load_over_its_window(db: Client) -> None:
+    ids = enqueue(db, 5, queue="arrivals")
+    # Two jobs came 40 minutes ago (outside the 20-minute load window, inside the hour), one 70 minutes ago.
+    db.conn.execute(
+        "update gpuq.jobs set created_at = now() - interval '40 minutes' where id = any(%s)", (ids[:2],)
+    )
+    db.conn.execute(
+        "update gpuq.jobs set created_at = now() - interval '70 minutes' where id = %s", (ids[2],)
+    )
+    iid = db.register_instance("vast", "load-1", gpu_name="A40", queues=["arrivals"])
+    (job,) = db.claim(iid, ["arrivals"], limit=1)
+    db.complete(job.id, job.attempt, {})
+    # It ran the last 10 of the 20 minutes: a mean load of 0.5 running jobs.
+    db.conn.execute(
+        "update gpuq.jobs set started_at = now() - interval '10 minutes', finished_at = now() where id = %s",
+        (job.id,),
+    )
+    (q,) = [r for r in db.call("select * from gpuq.manager_queues()") if r["queue"] == "arrivals"]
+    assert q["arrivals_per_hour"] == pytest.approx(4.0)  # 2 + the 2 just enqueued; not the one 70 min ago
+    assert q["recent_load"] == pytest.approx(0.5, abs=0.01)
+    (longer,) = [
+        r for r in db.call("select * from gpuq.manager_queues('2 hours')") if r["queue"] == "arrivals"
+    ]
+    assert longer["arrivals_per_hour"] == pytest.approx(2.5)  # all 5 over 2 hours
+
+
 # ----------------------------------------------------------------------------------------------- money
 
 
