@@ -42,6 +42,7 @@ def _aws_spot(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> P
         security_group_ids=[g.strip() for g in groups.split(",") if g.strip()],
         iam_instance_profile=os.environ.get("GPUQ_AWS_INSTANCE_PROFILE") or None,
         endpoint_url=os.environ.get("GPUQ_AWS_ENDPOINT_URL") or None,
+        ebs_usd_per_gb_month=env_float("GPUQ_AWS_EBS_USD_PER_GB_MONTH", 0.08),
     )
 
 

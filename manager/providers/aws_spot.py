@@ -27,11 +27,14 @@ from manager.providers.base import (
     ProviderError,
     ProviderInstance,
     ProviderStatus,
+    to_float,
 )
 
 log = logging.getLogger(__name__)
 
 LABEL_TAG = "gpuq:label"
+DISK_TAG = "gpuq:disk_gb"
+HOURS_PER_MONTH = 730  # AWS prices storage by the GB-month and bills it by the second on that basis
 DEFAULT_INSTANCE_TYPES = ("g4dn.xlarge", "g5.xlarge", "g6.xlarge")
 USER_DATA_MAX = 16 * 1024  # bytes, before base64 (EC2's limit)
 
@@ -114,10 +117,14 @@ class AwsSpotProvider:
         search_ttl_s: float = 60.0,
         page_size: int = 500,
         price_margin: float = 0.2,
+        ebs_usd_per_gb_month: float = 0.08,
     ) -> None:
         # Spot bills the market price, up to our MaxPrice: bid this much over today's price so a small
         # rise does not interrupt us, and let the money caps see that ceiling, not today's price.
         self._price_margin = price_margin
+        # The gp3 root volume bills by the GB-month whatever the instance does (gp3 in us-east-1: $0.08;
+        # dearer in some regions): the money caps count it on top of the instance's price.
+        self._ebs_usd_per_gb_hour = ebs_usd_per_gb_month / HOURS_PER_MONTH
         # boto3's "standard" retry mode backs off on throttling (RequestLimitExceeded) and 5xx; the
         # ClientToken we send makes a retried RunInstances safe.
         self._ec2 = client or boto3.client(
@@ -194,7 +201,8 @@ class AwsSpotProvider:
             if f is None or (subnet_az and az != subnet_az):
                 continue
             ceiling = price * (1 + self._price_margin)
-            if filters.max_dph is not None and ceiling > filters.max_dph:
+            dph = ceiling + self._storage_dph(filters.min_disk_gb)
+            if filters.max_dph is not None and dph > filters.max_dph:
                 continue
             offers.append(
                 Offer(
@@ -203,7 +211,7 @@ class AwsSpotProvider:
                     gpu_name=f.gpu_name,
                     num_gpus=f.num_gpus,
                     vram_mb=f.vram_mb,
-                    dph=ceiling,  # the most it can bill: the MaxPrice we bid
+                    dph=dph,  # the most it can bill: the MaxPrice we bid, plus the root volume
                     interruptible=True,
                     bid=ceiling,
                     verified=True,
@@ -212,6 +220,9 @@ class AwsSpotProvider:
             )
         offers.sort(key=lambda o: o.dph)
         return offers[: filters.limit]
+
+    def _storage_dph(self, disk_gb: float | None) -> float:
+        return (disk_gb or 0) * self._ebs_usd_per_gb_hour
 
     def _spot_prices(self) -> dict[tuple[str, str], float]:
         """The latest spot price per (type, zone), cached for the search TTL."""
@@ -259,7 +270,11 @@ class AwsSpotProvider:
         spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
         if spec.bid_price is not None:
             spot["MaxPrice"] = f"{spec.bid_price:.6f}"  # else capped at the on-demand price
-        tags = [{"Key": LABEL_TAG, "Value": spec.label}, {"Key": "Name", "Value": spec.label}]
+        tags = [
+            {"Key": LABEL_TAG, "Value": spec.label},
+            {"Key": "Name", "Value": spec.label},
+            {"Key": DISK_TAG, "Value": str(spec.disk_gb)},  # the listing prices the volume from it
+        ]
         args: dict[str, Any] = {
             "ImageId": self._ami_id,
             "InstanceType": itype,
@@ -339,6 +354,8 @@ class AwsSpotProvider:
                         state = (inst.get("State") or {}).get("Name", "")
                         reason = (inst.get("StateReason") or {}).get("Message")
                         gpu = facts.get(itype) or GPU_TABLE.get(itype)
+                        price = prices.get((itype, az))
+                        disk = _tag(inst, DISK_TAG)
                         found.append(
                             ProviderInstance(
                                 provider=self.name,
@@ -346,7 +363,7 @@ class AwsSpotProvider:
                                 label=label,
                                 status=STATES.get(state, ProviderStatus.PROVISIONING),
                                 raw_status=state,
-                                dph=prices.get((itype, az)),
+                                dph=None if price is None else price + self._storage_dph(to_float(disk)),
                                 machine_id=None,
                                 gpu_name=gpu.gpu_name if gpu else None,
                                 started_at=inst.get("LaunchTime"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ProviderStatus(StrEnum):
@@ -101,3 +101,11 @@ class Provider(Protocol):
 
     def destroy(self, provider_id: str) -> None:
         """Ask the provider to destroy; the caller verifies by listing again."""
+
+
+def to_float(value: Any) -> float | None:
+    """A provider's number (a float, a numeric string, None or junk) as a float, or None."""
+    try:
+        return float(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None

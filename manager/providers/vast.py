@@ -29,6 +29,7 @@ from manager.providers.base import (
     ProviderError,
     ProviderInstance,
     ProviderStatus,
+    to_float,
 )
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,11 @@ class VastProvider:
                 min_bid=min_bid,
                 bid=bid,
                 machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
-                reliability=_float(row.get("reliability")),
+                reliability=to_float(row.get("reliability")),
                 verified=(verification == "verified") if verification is not None else row.get("verified"),
-                inet_down_mbps=_float(row.get("inet_down")),
-                disk_gb=_float(row.get("disk_space")),
-                cuda=_float(row.get("cuda_max_good")),
+                inet_down_mbps=to_float(row.get("inet_down")),
+                disk_gb=to_float(row.get("disk_space")),
+                cuda=to_float(row.get("cuda_max_good")),
                 location=_country(row.get("geolocation")),
             )
         except (KeyError, TypeError, ValueError):
@@ -298,7 +299,7 @@ class VastProvider:
         if not row:
             log.warning("vast: instance %s not shown right after create", contract)
             return
-        dph = _float(row.get("dph_total"))
+        dph = to_float(row.get("dph_total"))
         # dph_total of a bid rent is the bid plus storage; on-demand bills the full ask. The slack
         # covers storage without letting an on-demand price through.
         is_bid = row.get("is_bid")
@@ -341,14 +342,14 @@ class VastProvider:
             params["after_token"] = token
 
     def _instance(self, row: dict[str, Any]) -> ProviderInstance:
-        start = _float(row.get("start_date"))
+        start = to_float(row.get("start_date"))
         return ProviderInstance(
             provider=self.name,
             provider_id=str(row["id"]),
             label=row.get("label") or "",
             status=map_status(row),
             raw_status=_raw_status(row),
-            dph=_float(row.get("dph_total")),
+            dph=to_float(row.get("dph_total")),
             machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
             gpu_name=row.get("gpu_name"),
             started_at=datetime.fromtimestamp(start, UTC) if start else None,
@@ -456,13 +457,6 @@ def _describe(body: Any) -> str:
         if parts:
             return ": ".join(parts)[:300]
     return "(no error detail)" if body is None else str(body)[:300]
-
-
-def _float(v: Any) -> float | None:
-    try:
-        return float(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _country(geo: Any) -> str | None:

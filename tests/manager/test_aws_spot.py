@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from manager.providers import aws_spot
-from manager.providers.aws_spot import LABEL_TAG, AwsSpotProvider, GpuFacts, build_user_data
+from manager.providers.aws_spot import DISK_TAG, LABEL_TAG, AwsSpotProvider, GpuFacts, build_user_data
 from manager.providers.base import LaunchSpec, OfferFilter, ProviderError, ProviderStatus
 
 REGION = "eu-central-1"
@@ -90,8 +90,12 @@ def test_offers_per_type_and_zone_priced_from_spot_history(aws: AwsSpotProvider,
     assert [o.dph for o in offers] == sorted(o.dph for o in offers)
     history = ec2.describe_spot_price_history(InstanceTypes=["g5.xlarge"])["SpotPriceHistory"]
     g5 = next(o for o in offers if o.offer_id.startswith("g5.xlarge@"))
-    # the bid (MaxPrice) is 20 % over today's price, and the money caps see that ceiling
-    assert g5.bid == g5.dph == pytest.approx(float(history[0]["SpotPrice"]) * 1.2, rel=1e-9)
+    # the bid (MaxPrice) is 20 % over today's price; the money caps see that ceiling plus the root
+    # volume the queue launches with (50 GB by default, gp3 at $0.08 per GB-month)
+    assert g5.bid == pytest.approx(float(history[0]["SpotPrice"]) * 1.2, rel=1e-9)
+    assert g5.dph == pytest.approx(g5.bid + 50 * 0.08 / 730, rel=1e-9)
+    big = next(o for o in aws.search_offers(OfferFilter(min_disk_gb=500)) if o.offer_id == g5.offer_id)
+    assert big.dph - big.bid == pytest.approx(500 * 0.08 / 730, rel=1e-9)
     assert (g5.gpu_name, g5.vram_mb, g5.num_gpus, g5.interruptible, g5.location) == (
         "A10G",
         22_888,
@@ -134,7 +138,7 @@ def test_create_rents_spot_with_user_data_tags_and_disk(aws: AwsSpotProvider, ec
     assert inst["InstanceLifecycle"] == "spot"
     assert inst["InstanceType"] == "g5.xlarge"
     assert inst["Placement"]["AvailabilityZone"] == offer.offer_id.split("@")[1]
-    assert {t["Key"]: t["Value"] for t in inst["Tags"]} == {LABEL_TAG: LABEL, "Name": LABEL}
+    assert {t["Key"]: t["Value"] for t in inst["Tags"]} == {LABEL_TAG: LABEL, "Name": LABEL, DISK_TAG: "80"}
     assert inst["MetadataOptions"]["HttpTokens"] == "required"
     raw = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")["UserData"]["Value"]
     user_data = base64.b64decode(raw).decode()
@@ -159,8 +163,9 @@ def test_list_by_label_prefix_across_pages_and_states(moto_url: str, ec2: object
     assert {i.provider_id for i in listed} == mine
     assert all(i.status == ProviderStatus.RUNNING and i.label == LABEL for i in listed)
     assert all(i.gpu_name == "T4" and i.started_at is not None for i in listed)
-    # a listing says what it bills now, the market price; the offer showed the ceiling we bid (20 % over)
-    assert all(i.dph == pytest.approx(offer.dph / 1.2, rel=1e-9) for i in listed)
+    # a listing says what it bills now: the market price (the offer showed the ceiling we bid, 20 % over)
+    # plus the 80 GB volume it was launched with
+    assert all(i.dph == pytest.approx(offer.bid / 1.2 + 80 * 0.08 / 730, rel=1e-9) for i in listed)
     assert len(aws.list_instances("gpuq:")) == 8
 
 
