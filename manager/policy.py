@@ -16,8 +16,9 @@ Instances needed, while any job is queued or running, = max(ceil((queued + runni
 instance), ceil(recent load / target utilisation)), clamped to [min, max]. The first term reacts to a
 backlog; the second keeps capacity at what the measured load needs (as Vast's serverless autoscaler does),
 so a fleet under steady load can shrink too: with random claiming, nobody idles long enough for an idle
-timeout. Scale-in by load waits until the rest would run below `scale_in_utilisation` (hysteresis), never
-takes the last instance (the idle timeout does that), and drains rather than destroys a busy one.
+timeout. Scale-in by load waits until the rest would run below `scale_in_utilisation` (hysteresis) and no
+rented instance is still booting, never takes the last instance (the idle timeout does that), and drains
+rather than destroys a busy one.
 Offers are ranked by expected $ per job ($/h over measured jobs/h on this queue, or over its arrival rate
 when that is lower); untried GPU types get an optimistic guess so they are tried.
 
@@ -408,6 +409,8 @@ def _scale_in(
     # one (a drain only lets its running job finish). Only with a measured load and an empty queue.
     if surplus <= 0 or snap.recent_load is None or snap.queued > 0:
         return
+    if any(i.state in _STARTING for i in pool):
+        return  # capacity asked for has not arrived yet
     # Going to zero is the idle timeout's call alone: a quiet queue keeps one warm that long.
     if len(pool) < 2 or snap.recent_load > (len(pool) - 1) * policy.scale_in_utilisation:
         return

@@ -349,6 +349,22 @@ def test_load_scale_in_threshold_is_pinned_at_0_65() -> None:
     assert run([snap(running=3, recent_load=1.32, throughput={"A40": 60.0})], fleet, MARKET, settings) == []
 
 
+def test_load_scale_in_waits_while_a_rented_instance_is_still_booting() -> None:
+    fleet = [
+        inst("cheap", S.BUSY, running=1, dph=0.3),
+        inst("dear", S.BUSY, running=1, dph=0.9),
+        inst("new", S.BOOTING, dph=0.5, age_min=8),
+    ]
+    # Load 1.0: two would run at 0.5, below 0.65; but the capacity just rented has not arrived, so giving
+    # back a working instance now would leave fewer than before the rent.
+    low = snap(running=2, recent_load=1.0, throughput={"A40": 60.0})
+    settings = make_settings(target_jobs_per_instance=10)
+    assert run([low], fleet, MARKET, settings) == []
+    ready = [*fleet[:2], inst("new", S.IDLE, dph=0.5, idle_min=1)]
+    [action] = run([low], ready, MARKET, settings)  # once it is up, one goes: the idle one, first
+    assert isinstance(action, Destroy) and action.instance.id == "new"
+
+
 def test_load_scale_in_never_takes_the_last_instance() -> None:
     low = snap(running=1, recent_load=0.1)
     assert (
