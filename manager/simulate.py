@@ -39,6 +39,7 @@ $1.30/h, only 09:00–01:00 Europe/Madrid, the cheapest offer by $/h, destroyed 
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import json
 import math
@@ -718,6 +719,45 @@ def lower_bound(trace: Trace) -> float:
             continue
         per_work_s = min(o.offer.dph / o.speed for o in working) / 3600
         total += sum(s for _, q, s in trace.jobs if q == name) * per_work_s
+    return total
+
+
+def hindsight_fleet_cost(trace: Trace, utilisation: float = 1.0, slot_s: float = 300.0) -> float:
+    """What a fleet of whole GPUs sized with hindsight to each hour's load costs.
+
+    Each `slot_s`, the load is the work (service seconds on a speed-1.0 GPU) of the jobs arriving within
+    half an hour either side, per second of that hour; the fleet is the cheapest set of working offers,
+    each rented at most once, whose speeds add up to load / utilisation. No boot, outbid or queueing is
+    charged. Under a steady load this is a best case that shows what GPUs coming whole and `utilisation`
+    headroom cost on top of the lower bound; under a trickle of jobs it is not (it never scales to zero
+    between jobs).
+    """
+    total = 0.0
+    for name, spec in trace.queues.items():
+        hardware = OfferFilter(
+            gpu_names=spec.gpu_names, min_vram_mb=spec.min_vram_mb, max_dph=spec.max_dph, verified_only=False
+        )
+        working = [o for o in trace.offers if o.boot_s is not None and offer_matches(o.offer, hardware)]
+        # Every set of offers as (speed, $/h); then the cheapest $/h reaching at least each speed.
+        sets = [(0.0, 0.0)]
+        for o in working:
+            sets += [(speed + o.speed, dph + o.offer.dph) for speed, dph in sets]
+        sets.sort()
+        speeds = [speed for speed, _ in sets]
+        cheapest_from = [0.0] * len(sets)
+        best = math.inf
+        for n in range(len(sets) - 1, -1, -1):
+            best = min(best, sets[n][1])
+            cheapest_from[n] = best
+        jobs = sorted((t, w) for t, q, w in trace.jobs if q == name)
+        t = 0.0
+        while t < trace.duration_s:
+            # The hour around the slot, cut to the trace: its first and last slots see half an hour.
+            lo, hi = max(0.0, t + slot_s / 2 - 1800), min(trace.duration_s, t + slot_s / 2 + 1800)
+            need = sum(w for a, w in jobs if lo <= a < hi) / (hi - lo) / utilisation
+            n = min(bisect.bisect_left(speeds, need - 1e-9), len(sets) - 1)
+            total += cheapest_from[n] * slot_s / 3600
+            t += slot_s
     return total
 
 

@@ -18,7 +18,7 @@ from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from manager.simulate import SHIPPED, compare, format_table, load_trace
+from manager.simulate import SHIPPED, compare, format_table, hindsight_fleet_cost, load_trace, lower_bound
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<14} {ours:>10.4f} {naive:>11.4f} {lb:>9.4f} {ours / naive:>10.2f} "
             f"{ours / lb:>8.2f} {p95_ours:>9.0f} {p95_naive:>9.0f}  {marks}"
         )
+    print()
+    print(
+        "a fleet of whole GPUs sized with hindsight to each hour's load (no boots, no outbids, no queueing):"
+    )
+    for name in SHIPPED:
+        trace = load_trace(name)
+        lb = lower_bound(trace)
+        costs = {u: hindsight_fleet_cost(trace, u) for u in (1.0, 0.85)}
+        figures = ", ".join(f"at {u:.0%} utilisation ${c:.2f} ({c / lb:.2f}x LB)" for u, c in costs.items())
+        print(f"  {name:<14} {figures}")
     print()
     print("all goals met" if all_ok else "some goals not met (see above)")
     return 0

@@ -24,6 +24,7 @@ from manager.simulate import (
     _dump,
     compare,
     generate_traces,
+    hindsight_fleet_cost,
     load_trace,
     lower_bound,
     main,
@@ -138,6 +139,24 @@ def test_percentile_nearest_rank() -> None:
         percentile(values, 50) == 10.0 and percentile(values, 95) == 19.0 and percentile(values, 100) == 20.0
     )
     assert percentile([], 95) == 0.0
+
+
+def test_hindsight_fleet_rounds_up_to_whole_gpus_and_mixes_them() -> None:
+    # A steady 0.6 GPUs of work (one 60-s job every 100 s) for two hours.
+    jobs = [(t, "q", 60.0) for t in range(0, 7200, 100)]
+    one = tiny(jobs, [sim_offer(0, 1.0, speed=1.0)], duration_s=7200.0)
+    assert hindsight_fleet_cost(one, 1.0) == pytest.approx(2 * 1.0)  # the whole GPU, both hours
+    assert hindsight_fleet_cost(one, 1.0) > lower_bound(one) == pytest.approx(0.6 * 2 * 1.0, rel=0.01)
+    # Two slow cheap GPUs (0.35 each) cover 0.6 for less than the one fast one; at 50 % utilisation the
+    # 1.2 needed takes the fast one plus one slow one.
+    mixed = tiny(
+        jobs, [sim_offer(0, 1.0, 1.0), sim_offer(1, 0.3, 0.35), sim_offer(2, 0.3, 0.35)], duration_s=7200.0
+    )
+    assert hindsight_fleet_cost(mixed, 1.0) == pytest.approx(2 * 0.6)
+    assert hindsight_fleet_cost(mixed, 0.5) == pytest.approx(2 * 1.3)
+    # A machine that never boots is never part of it.
+    broken = tiny(jobs, [sim_offer(0, 1.0, 1.0), sim_offer(1, 0.1, 5.0, boot_s=None)], duration_s=7200.0)
+    assert hindsight_fleet_cost(broken, 1.0) == pytest.approx(2 * 1.0)
 
 
 def test_shipped_traces_are_the_generated_ones() -> None:
