@@ -6,7 +6,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urljoin, urlsplit
@@ -17,7 +17,7 @@ import urllib3
 from worker.errors import ErrorCode, JobError
 from worker.storage import storage_from_url
 from worker.storage.base import Storage
-from worker.storage.local import LocalStorage
+from worker.storage.local import copy_local, local_path_from_url
 
 CHUNK = 256 * 1024
 _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
@@ -59,12 +59,14 @@ def fetch_input(
     max_bytes: int,
     timeout_s: float,
     storages: Mapping[str, Storage] | None = None,
+    input_dirs: Sequence[Path] = (),
 ) -> Path:
     """Fetch the input `ref` names into `dest_dir` and return the local file.
 
     s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
-    environment when none is given. Raises JobError: INPUT_INVALID (unknown scheme, not found,
-    refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
+    environment when none is given. Local paths and file:// are read only from under `input_dirs`
+    (none: no local inputs). Raises JobError: INPUT_INVALID (unknown scheme, not found, refused,
+    too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
     """
     ref = ref.strip()
     parts = urlsplit(ref)
@@ -76,8 +78,7 @@ def fetch_input(
     if scheme in ("http", "https"):
         return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s)
     if scheme in ("", "file"):
-        storage: Storage = (storages or {}).get("file") or LocalStorage()
-        return storage.get(ref, dest, max_bytes)
+        return copy_local(_allowed_local_path(ref, input_dirs), dest, max_bytes)
     if scheme in ("s3", "supabase"):
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
@@ -89,6 +90,26 @@ def fetch_input(
                 raise JobError(ErrorCode.INPUT_INVALID, f"cannot read {scheme}:// inputs: {e}") from e
         return found.get(ref, dest, max_bytes)
     raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
+
+
+def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
+    """The file `ref` names, symlinks and .. resolved, if that lies under one of `input_dirs`.
+
+    Payloads are user-controlled: without this, "/proc/self/environ" would hand the worker's secrets
+    to whoever reads the job's output. The resolved path is what gets copied, not the link.
+    """
+    try:
+        path = local_path_from_url(ref).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise JobError(ErrorCode.INPUT_INVALID, f"cannot resolve input {ref}: {e}") from None
+    if not any(path.is_relative_to(d.resolve()) for d in input_dirs):
+        allowed = ", ".join(str(d) for d in input_dirs) or "none"
+        raise JobError(
+            ErrorCode.INPUT_INVALID,
+            f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
+            "symlinks and .. followed",
+        )
+    return path
 
 
 def _redact(text: str, url: str) -> str:

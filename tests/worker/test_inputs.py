@@ -230,16 +230,59 @@ def test_local_paths(tmp_path: Path) -> None:
     src = tmp_path / "src" / "voice ref.wav"
     src.parent.mkdir()
     src.write_bytes(BODY)
-    got = fetch(str(src), tmp_path / "job")
+    dirs = [src.parent]
+    got = fetch(str(src), tmp_path / "job", input_dirs=dirs)
     assert got == tmp_path / "job" / "voice_ref.wav"
     assert got.read_bytes() == BODY
-    assert fetch(src.as_uri(), tmp_path / "job").read_bytes() == BODY
+    assert fetch(src.as_uri(), tmp_path / "job", input_dirs=dirs).read_bytes() == BODY
 
-    fails(ErrorCode.INPUT_INVALID, str(src), tmp_path / "job2", max_bytes=len(BODY) - 1)
-    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src" / "absent.wav"), tmp_path / "job2")
-    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src"), tmp_path / "job2")  # a directory
-    fails(ErrorCode.INPUT_INVALID, "src/voice.wav", tmp_path / "job2")  # relative: ambiguous
-    fails(ErrorCode.INPUT_INVALID, "file://otherhost/etc/hosts", tmp_path / "job2")
+    fails(ErrorCode.INPUT_INVALID, str(src), tmp_path / "job2", input_dirs=dirs, max_bytes=len(BODY) - 1)
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src" / "absent.wav"), tmp_path / "job2", input_dirs=dirs)
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src"), tmp_path / "job2", input_dirs=dirs)  # a directory
+    fails(ErrorCode.INPUT_INVALID, "src/voice.wav", tmp_path / "job2", input_dirs=dirs)  # relative: ambiguous
+    fails(ErrorCode.INPUT_INVALID, "file://otherhost/etc/hosts", tmp_path / "job2", input_dirs=dirs)
+
+
+def test_local_inputs_only_from_under_the_input_dirs(tmp_path: Path) -> None:
+    allowed = tmp_path / "inputs"
+    (allowed / "refs").mkdir(parents=True)
+    (allowed / "refs" / "a.png").write_bytes(BODY)
+    secret = tmp_path / "worker.env"
+    secret.write_text("DATABASE_URL=postgresql://worker:s3cret@db/app\n")
+    (tmp_path / "inputs-other").mkdir()  # shares the allowed directory's name as a prefix
+    (tmp_path / "inputs-other" / "b.png").write_bytes(BODY)
+    (allowed / "link-out.png").symlink_to(secret)
+    (allowed / "dir-out").symlink_to(tmp_path)
+    (allowed / "link-in.png").symlink_to(allowed / "refs" / "a.png")
+    dest = tmp_path / "job"
+
+    for ref in (
+        str(secret),
+        secret.as_uri(),
+        f"{allowed}/../worker.env",
+        str(allowed / "link-out.png"),  # a symlink inside pointing outside
+        str(allowed / "dir-out" / "worker.env"),
+        str(tmp_path / "inputs-other" / "b.png"),
+        "/proc/self/environ",
+        "file:///etc/passwd",
+    ):
+        err = fails(ErrorCode.INPUT_INVALID, ref, dest, input_dirs=[allowed])
+        assert not err.retryable
+        assert err.message == (
+            f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
+            "symlinks and .. followed"
+        )
+        assert not dest.exists() or list(dest.iterdir()) == []
+
+    # inside, symlinks and .. are fine; so is an input dir named through a symlink
+    assert fetch(str(allowed / "link-in.png"), dest, input_dirs=[allowed]).read_bytes() == BODY
+    assert fetch(f"{allowed}/refs/../refs/a.png", dest, input_dirs=[allowed]).read_bytes() == BODY
+    (tmp_path / "alias").symlink_to(allowed)
+    assert fetch(str(allowed / "refs" / "a.png"), dest, input_dirs=[tmp_path / "alias"]).read_bytes() == BODY
+
+    # with no input dirs (fetch_input's default), every local path is refused
+    err = fails(ErrorCode.INPUT_INVALID, str(allowed / "refs" / "a.png"), dest)
+    assert "GPUQ_INPUT_DIRS (now: none)" in err.message
 
 
 @pytest.mark.parametrize("ref", ["ftp://host/x.png", "data:image/png;base64,AAAA", "gs://b/x.png"])
