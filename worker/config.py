@@ -42,6 +42,7 @@ class WorkerSettings:
     input_max_bytes: int
     input_timeout_seconds: float
     input_dirs: tuple[Path, ...]  # local paths and file:// inputs only from under these
+    input_allow_private: bool  # http(s) inputs may reach loopback and private addresses
     spot_watch: bool
     spot_metadata_url: str
     spot_poll_seconds: float
@@ -132,6 +133,7 @@ class WorkerSettings:
             input_max_bytes=max_bytes,
             input_timeout_seconds=input_timeout,
             input_dirs=input_dirs,
+            input_allow_private=_bool(env, "GPUQ_INPUT_ALLOW_PRIVATE", False),
             spot_watch=spot,
             spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
             spot_poll_seconds=spot_poll,
@@ -229,6 +231,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
