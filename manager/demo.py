@@ -23,6 +23,7 @@ from manager.metrics import Metrics
 from manager.tick import Manager, tick
 
 QUEUE = "demo"
+INPUTS_DIR = "demo-inputs"  # under the data dir
 OPS = (
     [{"op": "invert"}],
     [{"op": "blur", "radius": 4}, {"op": "grayscale"}],
@@ -64,6 +65,8 @@ def demo_settings(data_dir: Path, idle_timeout_s: float) -> ManagerSettings:
                 "max_instances": 2,
                 "target_jobs_per_instance": 3,
                 "idle_timeout_s": idle_timeout_s,
+                # the workers may read the demo's pictures; local inputs are refused everywhere else
+                "env": {"GPUQ_INPUT_DIRS": str(data_dir / INPUTS_DIR)},
             }
         },
     }
@@ -104,7 +107,7 @@ def run_demo(
         ms = demo_settings(settings.data_dir, idle_timeout_s)
         providers = build_providers(ms, client.url, settings)
         manager = Manager(client, ms, providers, Metrics())
-        inputs = make_inputs(settings.data_dir / "demo-inputs", 3)
+        inputs = make_inputs(settings.data_dir / INPUTS_DIR, 3)
         ids = enqueue(client, inputs, jobs)
         reported: set[int] = set()
         started = time.monotonic()

@@ -105,6 +105,7 @@ def main() -> int:
                 "GPUQ_QUEUES": "bench=imageops",
                 "GPUQ_SPOT_WATCH": "0",
                 "GPUQ_STORAGE_URL": f"s3://{BUCKET}/out",
+                "GPUQ_INPUT_DIRS": str(tmp),  # --local-input reads from there
             },
         )
         worker = Worker(

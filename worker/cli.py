@@ -61,6 +61,10 @@ def summary(config: WorkerSettings, settings: Settings, db_url: str) -> str:
         f"  drain     grace {config.drain_grace_seconds:g}s"
         + (f"; spot notices from {config.spot_metadata_url}" if config.spot_watch else ""),
         f"  inputs    at most {config.input_max_bytes} bytes, {config.input_timeout_seconds:g}s each",
+        "            local files "
+        + (f"under {', '.join(map(str, config.input_dirs))}" if config.input_dirs else "refused")
+        + "; URLs "
+        + ("on private networks too" if config.input_allow_private else "on public addresses only"),
         "  metrics   "
         + (f"http://{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off"),
     ]

@@ -11,8 +11,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gpuq.settings import Settings
+from worker.errors import JobError
+from worker.storage import storage_from_url
+from worker.storage.local import LocalStorage
 
 KNOWN_BACKENDS = ("comfyui", "f5tts", "imageops")
 _QUEUE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # the SQL constraint on gpuq.jobs.queue
@@ -37,6 +41,8 @@ class WorkerSettings:
     metrics_host: str
     input_max_bytes: int
     input_timeout_seconds: float
+    input_dirs: tuple[Path, ...]  # local paths and file:// inputs only from under these
+    input_allow_private: bool  # http(s) inputs may reach loopback and private addresses
     spot_watch: bool
     spot_metadata_url: str
     spot_poll_seconds: float
@@ -110,10 +116,14 @@ class WorkerSettings:
         if grace < 0:
             raise ConfigError(f"GPUQ_DRAIN_GRACE_SECONDS must not be negative, got {grace:g}")
 
+        storage_url = env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs")
+        raw_dirs = env.get("GPUQ_INPUT_DIRS")
+        input_dirs = parse_input_dirs(raw_dirs) if raw_dirs else _local_storage_root(storage_url)
+
         return cls(
             queues=queues,
             concurrency=concurrency,
-            storage_url=env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs"),
+            storage_url=storage_url,
             provider=provider,
             provider_instance_id=instance_id,
             heartbeat_seconds=heartbeat,
@@ -122,6 +132,8 @@ class WorkerSettings:
             metrics_host=env.get("GPUQ_METRICS_HOST") or "0.0.0.0",
             input_max_bytes=max_bytes,
             input_timeout_seconds=input_timeout,
+            input_dirs=input_dirs,
+            input_allow_private=_bool(env, "GPUQ_INPUT_ALLOW_PRIVATE", False),
             spot_watch=spot,
             spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
             spot_poll_seconds=spot_poll,
@@ -176,6 +188,31 @@ def parse_concurrency(raw: str, backends: set[str]) -> dict[str, int]:
     return result
 
 
+def parse_input_dirs(raw: str) -> tuple[Path, ...]:
+    """ "/srv/inputs:/data/refs" (os.pathsep between) -> existing absolute directories, symlinks resolved."""
+    dirs = []
+    for item in filter(None, (part.strip() for part in raw.split(os.pathsep))):
+        path = Path(item)
+        if not path.is_absolute():
+            raise ConfigError(f"GPUQ_INPUT_DIRS entries must be absolute paths, got {item!r}")
+        if not path.is_dir():
+            raise ConfigError(f"GPUQ_INPUT_DIRS: {item} is not a directory")
+        dirs.append(path.resolve())
+    return tuple(dirs)
+
+
+def _local_storage_root(storage_url: str) -> tuple[Path, ...]:
+    """The default GPUQ_INPUT_DIRS: the output directory when outputs are local, so a job may take an
+    earlier job's output; nothing else on the machine (its data dir also holds other jobs' work dirs)."""
+    if urlsplit(storage_url.strip()).scheme not in ("", "file"):
+        return ()
+    try:
+        storage = storage_from_url(storage_url)
+    except (ValueError, JobError):
+        return ()  # the worker refuses this storage URL itself, in its own words
+    return (storage.root,) if isinstance(storage, LocalStorage) else ()
+
+
 def on_ec2() -> bool:
     for path in EC2_DMI_FILES:
         try:
@@ -194,6 +231,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -6,18 +6,23 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from worker.errors import ErrorCode, JobError
 from worker.storage import storage_from_url
 from worker.storage.base import Storage
-from worker.storage.local import LocalStorage
+from worker.storage.local import copy_local, local_path_from_url
 
 CHUNK = 256 * 1024
 _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
@@ -59,11 +64,15 @@ def fetch_input(
     max_bytes: int,
     timeout_s: float,
     storages: Mapping[str, Storage] | None = None,
+    input_dirs: Sequence[Path] = (),
+    allow_private: bool = False,
 ) -> Path:
     """Fetch the input `ref` names into `dest_dir` and return the local file.
 
     s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
-    environment when none is given. Raises JobError: INPUT_INVALID (unknown scheme, not found,
+    environment when none is given. Local paths and file:// are read only from under `input_dirs`
+    (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata), nor loopback
+    or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (unknown scheme, not found,
     refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
     """
     ref = ref.strip()
@@ -74,10 +83,9 @@ def fetch_input(
     dest = _unique_dest(dest_dir, name)
 
     if scheme in ("http", "https"):
-        return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s)
+        return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
     if scheme in ("", "file"):
-        storage: Storage = (storages or {}).get("file") or LocalStorage()
-        return storage.get(ref, dest, max_bytes)
+        return copy_local(_allowed_local_path(ref, input_dirs), dest, max_bytes)
     if scheme in ("s3", "supabase"):
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
@@ -91,6 +99,26 @@ def fetch_input(
     raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
 
 
+def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
+    """The file `ref` names, symlinks and .. resolved, if that lies under one of `input_dirs`.
+
+    Payloads are user-controlled: without this, "/proc/self/environ" would hand the worker's secrets
+    to whoever reads the job's output. The resolved path is what gets copied, not the link.
+    """
+    try:
+        path = local_path_from_url(ref).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise JobError(ErrorCode.INPUT_INVALID, f"cannot resolve input {ref}: {e}") from None
+    if not any(path.is_relative_to(d.resolve()) for d in input_dirs):
+        allowed = ", ".join(str(d) for d in input_dirs) or "none"
+        raise JobError(
+            ErrorCode.INPUT_INVALID,
+            f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
+            "symlinks and .. followed",
+        )
+    return path
+
+
 def _redact(text: str, url: str) -> str:
     """`text` without the URL's query and user info: a presigned URL's signature is a credential."""
     parts = urlsplit(url)
@@ -101,26 +129,113 @@ def _redact(text: str, url: str) -> str:
     return text
 
 
-def _refuse_metadata_addresses(url: str, shown: str) -> None:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _refusal(ip: IPAddress, allow_private: bool) -> str | None:
+    """Why an input URL may not reach `ip`, or None when it may."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    if ip.is_link_local or ip == _METADATA_V6:
+        return "a link-local address where cloud metadata lives"
+    if allow_private:
+        return None
+    # On a rented machine ComfyUI and the worker's metrics listen locally: their answers must not
+    # become outputs. Private networks are opt-in.
+    for kind, match in (
+        ("loopback", ip.is_loopback),
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+        ("private", not ip.is_global),
+    ):
+        if match:
+            return f"a {kind} address; set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+    return None
+
+
+def _ip(address: str) -> IPAddress:
+    return ipaddress.ip_address(address.split("%")[0])  # without an IPv6 scope ("fe80::1%eth0")
+
+
+def _refuse_forbidden_addresses(url: str, shown: str, allow_private: bool) -> None:
+    """Before connecting: every address the host resolves to, for an error that names the host."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
         return  # requests reports the unresolvable host in its own words
     for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if ip.is_link_local or ip == _METADATA_V6:
-            raise JobError(
-                ErrorCode.INPUT_INVALID,
-                f"refusing input {shown}: {host} is {ip}, a link-local address where cloud metadata lives",
-            )
+        ip = _ip(str(info[4][0]))
+        if why := _refusal(ip, allow_private):
+            raise JobError(ErrorCode.INPUT_INVALID, f"refusing input {shown}: {host} is {ip}, {why}")
 
 
-def _get(url: str, shown: str, timeout_s: float) -> requests.Response:
+class _ForbiddenPeer(Exception):
+    def __init__(self, host: str, ip: IPAddress, why: str) -> None:
+        super().__init__(f"{host} connected to {ip}, {why}")
+
+
+def _checked(sock: socket.socket, host: str, allow_private: bool) -> socket.socket:
+    ip = _ip(sock.getpeername()[0])
+    if why := _refusal(ip, allow_private):
+        sock.close()
+        raise _ForbiddenPeer(host, ip, why)  # not an OSError: urllib3 and requests let it through
+    return sock
+
+
+@cache
+def _checked_pools(allow_private: bool) -> dict[str, type[HTTPConnectionPool]]:
+    """urllib3 pools whose connections check the address actually connected to.
+
+    The host is resolved again at connect time, so a check beforehand alone falls to DNS rebinding
+    (a name that answers a public address first and 127.0.0.1 or 169.254.169.254 next).
+    """
+
+    class Connection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return _checked(super()._new_conn(), self.host, allow_private)
+
+    class TLSConnection(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return _checked(super()._new_conn(), self.host, allow_private)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConnection
+
+    return {"http": Pool, "https": TLSPool}
+
+
+class _CheckedAdapter(HTTPAdapter):
+    def __init__(self, allow_private: bool) -> None:
+        self._pools = _checked_pools(allow_private)  # before super().__init__, which builds the manager
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
+
+
+def _session(allow_private: bool) -> requests.Session:
+    session = requests.Session()
+    # No proxies from the environment: through one, the address checked would be the proxy's.
+    # (Nor ~/.netrc credentials, which would go to whatever host a payload names.)
+    session.trust_env = False
+    adapter = _CheckedAdapter(allow_private)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _get(
+    session: requests.Session, url: str, shown: str, timeout_s: float, allow_private: bool
+) -> requests.Response:
     """GET with redirects followed by hand, so that every hop is checked before it is connected to."""
     for _ in range(MAX_REDIRECTS + 1):
-        _refuse_metadata_addresses(url, shown)
-        r = requests.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        _refuse_forbidden_addresses(url, shown, allow_private)
+        r = session.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
         if not r.is_redirect:
             return r
         r.close()
@@ -128,13 +243,13 @@ def _get(url: str, shown: str, timeout_s: float) -> requests.Response:
     raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
 
 
-def _fetch_http(url: str, dest: Path, *, max_bytes: int, timeout_s: float) -> Path:
+def _fetch_http(url: str, dest: Path, *, max_bytes: int, timeout_s: float, allow_private: bool) -> Path:
     shown = _redact(url, url)
     # requests' timeout bounds each connect and each read; the deadline bounds the whole transfer,
     # so a server that trickles bytes cannot hold the job forever.
     deadline = time.monotonic() + timeout_s
     try:
-        with _get(url, shown, timeout_s) as r:
+        with _session(allow_private) as session, _get(session, url, shown, timeout_s, allow_private) as r:
             if r.status_code >= 500 or r.status_code in _RETRYABLE_HTTP:
                 raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"GET {shown}: HTTP {r.status_code}")
             if r.status_code >= 400:
@@ -156,6 +271,9 @@ def _fetch_http(url: str, dest: Path, *, max_bytes: int, timeout_s: float) -> Pa
     except JobError:
         dest.unlink(missing_ok=True)
         raise
+    except _ForbiddenPeer as e:
+        dest.unlink(missing_ok=True)
+        raise JobError(ErrorCode.INPUT_INVALID, f"refusing input {shown}: {e}") from None
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
         dest.unlink(missing_ok=True)
         code = ErrorCode.INPUT_INVALID if isinstance(e, requests.exceptions.InvalidURL) else None

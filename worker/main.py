@@ -305,6 +305,8 @@ class Worker:
                     max_bytes=self.config.input_max_bytes,
                     timeout_s=self.config.input_timeout_seconds,
                     storages={self.storage.scheme: self.storage},
+                    input_dirs=self.config.input_dirs,
+                    allow_private=self.config.input_allow_private,
                 )
             finally:
                 timings["fetch"] += time.monotonic() - started

@@ -114,6 +114,7 @@ def test_end_to_end_jobs_enqueued_workers_started_jobs_done_idle_workers_stopped
         "DATABASE_URL": db_url,
         "GPUQ_STORAGE_URL": str(tmp_path / "out"),
         "GPUQ_DATA_DIR": str(tmp_path / "data"),
+        "GPUQ_INPUT_DIRS": str(tmp_path),
         "GPUQ_POLL_SECONDS": "0.2",
         "GPUQ_HEARTBEAT_SECONDS": "1",
     }

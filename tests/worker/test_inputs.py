@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -27,6 +29,7 @@ LIMIT = 1 << 20
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     stop: threading.Event
+    seen: list[str]  # the paths asked for, to show a refused input never reached the server
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -42,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
+        self.seen.append(path)
         if path.endswith(".bin"):
             self._head(200, len(BODY))
             self.wfile.write(BODY)
@@ -80,22 +84,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def http_url() -> Iterator[str]:
+def http_server() -> Iterator[tuple[str, list[str]]]:
+    """The server's URL and the paths it was asked for."""
     stop = threading.Event()
 
     class Handler(_Handler):
         pass
 
     Handler.stop = stop
+    Handler.seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield f"http://127.0.0.1:{server.server_address[1]}", Handler.seen
     stop.set()
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def http_url(http_server: tuple[str, list[str]]) -> str:
+    return http_server[0]
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +124,8 @@ def supa() -> Iterator[SupabaseStorageStandIn]:
 
 
 def fetch(ref: str, dest: Path, **kwargs: object) -> Path:
-    options: dict = {"max_bytes": LIMIT, "timeout_s": 5.0, **kwargs}
+    # The servers here listen on 127.0.0.1, which inputs reach only when opted in.
+    options: dict = {"max_bytes": LIMIT, "timeout_s": 5.0, "allow_private": True, **kwargs}
     return fetch_input(ref, dest, **options)
 
 
@@ -147,6 +159,7 @@ def test_http_follows_redirects(http_url: str, tmp_path: Path) -> None:
         "http://169.254.169.254/latest/meta-data/iam/",
         "http://[fd00:ec2::254]/latest/",
         "http://169.254.1.1/x",
+        "http://[::ffff:169.254.169.254]/latest/",  # the same address, IPv4-mapped
     ],
 )
 def test_http_refuses_cloud_metadata_addresses_before_connecting(ref: str, tmp_path: Path) -> None:
@@ -159,6 +172,67 @@ def test_http_refuses_cloud_metadata_addresses_before_connecting(ref: str, tmp_p
 def test_http_refuses_a_redirect_to_cloud_metadata(http_url: str, tmp_path: Path) -> None:
     with pytest.raises(JobError, match=r"169\.254\.169\.254 is 169\.254\.169\.254, a link-local address"):
         fetch(f"{http_url}/redirect-to-metadata", tmp_path)
+
+
+def test_http_refuses_loopback_by_default(http_server: tuple[str, list[str]], tmp_path: Path) -> None:
+    url, seen = http_server
+    for ref in (f"{url}/files/loopback.bin", url.replace("127.0.0.1", "localhost") + "/files/localhost.bin"):
+        err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=False)
+        assert "a loopback address; set GPUQ_INPUT_ALLOW_PRIVATE=1" in str(err) and not err.retryable
+    assert "/files/loopback.bin" not in seen and "/files/localhost.bin" not in seen
+    assert list(tmp_path.iterdir()) == []
+    # opted in, the same URL is fetched
+    assert fetch(f"{url}/files/loopback.bin", tmp_path, allow_private=True).read_bytes() == BODY
+
+
+@pytest.mark.parametrize(
+    ("ref", "kind"),
+    [
+        ("http://10.1.2.3/x.png", "private"),
+        ("http://192.168.0.10/x.png", "private"),
+        ("http://172.16.5.4/x.png", "private"),
+        ("http://100.100.100.200/latest/meta-data/", "private"),  # shared address space (Alibaba metadata)
+        ("http://[fd12:3456::1]/x.png", "private"),  # IPv6 unique local
+        ("http://[::1]:8188/view", "loopback"),
+        ("http://[::ffff:127.0.0.1]:8188/view", "loopback"),
+        ("http://0.0.0.0:8188/view", "unspecified"),
+        ("http://224.0.0.1/x.png", "multicast"),
+    ],
+)
+def test_http_refuses_private_addresses_by_default(ref: str, kind: str, tmp_path: Path) -> None:
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=False)
+    assert f"a {kind} address; set GPUQ_INPUT_ALLOW_PRIVATE=1" in str(err)
+
+
+def test_http_checks_the_address_connected_to_not_only_the_first_lookup(
+    http_server: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name resolves to a public address when checked, to 127.0.0.1 when connected."""
+    url, seen = http_server
+    port = urlsplit(url).port
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding_dns(host: object, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.example":
+            return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+        answer = "93.184.216.34" if not lookups else "127.0.0.1"
+        lookups.append(answer)
+        return real_getaddrinfo(answer, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    ref = f"http://rebind.example:{port}/files/rebound.bin"
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=False)
+    assert err.message.startswith(f"refusing input {ref}:")
+    assert "rebind.example connected to 127.0.0.1, a loopback address" in err.message
+    assert lookups[0] == "93.184.216.34" and "127.0.0.1" in lookups[1:]  # it passed the first check
+    assert "/files/rebound.bin" not in seen  # closed before a byte was sent
+    assert list(tmp_path.iterdir()) == []
+
+    # the same rebinding with private addresses allowed reaches the server: the refusal above was the check's
+    lookups.clear()
+    got = fetch(ref, tmp_path, allow_private=True)
+    assert got.read_bytes() == BODY and "/files/rebound.bin" in seen
 
 
 def test_http_gives_up_on_a_redirect_loop(http_url: str, tmp_path: Path) -> None:
@@ -230,16 +304,59 @@ def test_local_paths(tmp_path: Path) -> None:
     src = tmp_path / "src" / "voice ref.wav"
     src.parent.mkdir()
     src.write_bytes(BODY)
-    got = fetch(str(src), tmp_path / "job")
+    dirs = [src.parent]
+    got = fetch(str(src), tmp_path / "job", input_dirs=dirs)
     assert got == tmp_path / "job" / "voice_ref.wav"
     assert got.read_bytes() == BODY
-    assert fetch(src.as_uri(), tmp_path / "job").read_bytes() == BODY
+    assert fetch(src.as_uri(), tmp_path / "job", input_dirs=dirs).read_bytes() == BODY
 
-    fails(ErrorCode.INPUT_INVALID, str(src), tmp_path / "job2", max_bytes=len(BODY) - 1)
-    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src" / "absent.wav"), tmp_path / "job2")
-    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src"), tmp_path / "job2")  # a directory
-    fails(ErrorCode.INPUT_INVALID, "src/voice.wav", tmp_path / "job2")  # relative: ambiguous
-    fails(ErrorCode.INPUT_INVALID, "file://otherhost/etc/hosts", tmp_path / "job2")
+    fails(ErrorCode.INPUT_INVALID, str(src), tmp_path / "job2", input_dirs=dirs, max_bytes=len(BODY) - 1)
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src" / "absent.wav"), tmp_path / "job2", input_dirs=dirs)
+    fails(ErrorCode.INPUT_INVALID, str(tmp_path / "src"), tmp_path / "job2", input_dirs=dirs)  # a directory
+    fails(ErrorCode.INPUT_INVALID, "src/voice.wav", tmp_path / "job2", input_dirs=dirs)  # relative: ambiguous
+    fails(ErrorCode.INPUT_INVALID, "file://otherhost/etc/hosts", tmp_path / "job2", input_dirs=dirs)
+
+
+def test_local_inputs_only_from_under_the_input_dirs(tmp_path: Path) -> None:
+    allowed = tmp_path / "inputs"
+    (allowed / "refs").mkdir(parents=True)
+    (allowed / "refs" / "a.png").write_bytes(BODY)
+    secret = tmp_path / "worker.env"
+    secret.write_text("DATABASE_URL=postgresql://worker:s3cret@db/app\n")
+    (tmp_path / "inputs-other").mkdir()  # shares the allowed directory's name as a prefix
+    (tmp_path / "inputs-other" / "b.png").write_bytes(BODY)
+    (allowed / "link-out.png").symlink_to(secret)
+    (allowed / "dir-out").symlink_to(tmp_path)
+    (allowed / "link-in.png").symlink_to(allowed / "refs" / "a.png")
+    dest = tmp_path / "job"
+
+    for ref in (
+        str(secret),
+        secret.as_uri(),
+        f"{allowed}/../worker.env",
+        str(allowed / "link-out.png"),  # a symlink inside pointing outside
+        str(allowed / "dir-out" / "worker.env"),
+        str(tmp_path / "inputs-other" / "b.png"),
+        "/proc/self/environ",
+        "file:///etc/passwd",
+    ):
+        err = fails(ErrorCode.INPUT_INVALID, ref, dest, input_dirs=[allowed])
+        assert not err.retryable
+        assert err.message == (
+            f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
+            "symlinks and .. followed"
+        )
+        assert not dest.exists() or list(dest.iterdir()) == []
+
+    # inside, symlinks and .. are fine; so is an input dir named through a symlink
+    assert fetch(str(allowed / "link-in.png"), dest, input_dirs=[allowed]).read_bytes() == BODY
+    assert fetch(f"{allowed}/refs/../refs/a.png", dest, input_dirs=[allowed]).read_bytes() == BODY
+    (tmp_path / "alias").symlink_to(allowed)
+    assert fetch(str(allowed / "refs" / "a.png"), dest, input_dirs=[tmp_path / "alias"]).read_bytes() == BODY
+
+    # with no input dirs (fetch_input's default), every local path is refused
+    err = fails(ErrorCode.INPUT_INVALID, str(allowed / "refs" / "a.png"), dest)
+    assert "GPUQ_INPUT_DIRS (now: none)" in err.message
 
 
 @pytest.mark.parametrize("ref", ["ftp://host/x.png", "data:image/png;base64,AAAA", "gs://b/x.png"])

@@ -96,6 +96,7 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerPr
             "GPUQ_QUEUES": queues,
             "GPUQ_DATA_DIR": str(tmp_path / "data"),
             "GPUQ_STORAGE_URL": str(tmp_path / "outputs"),
+            "GPUQ_INPUT_DIRS": str(tmp_path),  # the tests' input files lie there
             "GPUQ_PROVIDER": "local",
             "GPUQ_PROVIDER_INSTANCE_ID": key,
             "GPUQ_LEASE_SECONDS": str(lease),
@@ -376,6 +377,64 @@ def test_bad_input_fails_once_with_input_invalid(
         assert job.error_code == "INPUT_INVALID" and job.attempt == 1
         assert message in (job.error_message or ""), job.error_message
         assert events(client, job_id) == ["failed"]
+
+
+def test_inputs_outside_the_input_dirs_or_on_loopback_fail_once_and_nothing_else_is_lost(
+    client: Client, start_worker: Callable[..., WorkerProc], tmp_path: Path
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = make_png(inputs / "in.png")
+    secret = tmp_path / "worker.env"
+    secret.write_text("DATABASE_URL=postgresql://worker:s3cret@db/app\n")
+    (inputs / "avatar.png").symlink_to(secret)
+    w = start_worker("demo=imageops", GPUQ_INPUT_DIRS=str(inputs))
+    assert f"local files under {inputs}; URLs on public addresses only" in w.log
+
+    loopback = f"http://127.0.0.1:{free_port()}/view?filename=x.png"  # where ComfyUI would answer
+    refused = {
+        ref: client.enqueue("demo", {"image": ref, "format": "png"}, max_attempts=3)
+        for ref in ("/proc/self/environ", "file:///etc/passwd", str(inputs / "avatar.png"), loopback)
+    }
+    ok = client.enqueue("demo", {"image": str(good), "ops": [{"op": "invert"}], "format": "png"})
+    for ref, job_id in refused.items():
+        job = wait_status(client, job_id, "failed")
+        assert job.error_code == "INPUT_INVALID" and job.attempt == 1, (ref, job.error_message)
+        setting = "GPUQ_INPUT_ALLOW_PRIVATE=1" if ref == loopback else f"GPUQ_INPUT_DIRS (now: {inputs})"
+        assert setting in (job.error_message or "") and ref.split("?")[0] in (job.error_message or "")
+        assert job.result is None and events(client, job_id) == ["failed"]
+    assert wait_status(client, ok, "succeeded").attempt == 1
+
+
+def test_input_settings_default_to_the_local_output_dir_and_refuse_clearly(tmp_path: Path) -> None:
+    settings = Settings(None, tmp_path, False, 60, 1.0)
+    base = {"GPUQ_QUEUES": "a=imageops", "GPUQ_SPOT_WATCH": "0"}
+    ws = WorkerSettings.from_env(settings, base)
+    # outputs are local: a job may take an earlier job's output, and nothing else on the machine
+    assert ws.input_dirs == ((tmp_path / "outputs").resolve(),) and ws.input_allow_private is False
+    assert WorkerSettings.from_env(settings, {**base, "GPUQ_STORAGE_URL": "s3://b/out"}).input_dirs == ()
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    ws = WorkerSettings.from_env(
+        settings,
+        {**base, "GPUQ_INPUT_DIRS": f"{a}{os.pathsep}{b}{os.pathsep}", "GPUQ_INPUT_ALLOW_PRIVATE": "yes"},
+    )
+    assert ws.input_dirs == (a.resolve(), b.resolve()) and ws.input_allow_private is True
+    for env, message in (
+        ({"GPUQ_INPUT_DIRS": "inputs"}, "GPUQ_INPUT_DIRS entries must be absolute paths, got 'inputs'"),
+        (
+            {"GPUQ_INPUT_DIRS": str(tmp_path / "nope")},
+            f"GPUQ_INPUT_DIRS: {tmp_path / 'nope'} is not a directory",
+        ),
+        (
+            {"GPUQ_INPUT_ALLOW_PRIVATE": "maybe"},
+            "GPUQ_INPUT_ALLOW_PRIVATE must be true or false, got 'maybe'",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            WorkerSettings.from_env(settings, {**base, **env})
 
 
 def test_an_unexpected_backend_exception_is_worker_error_with_the_traceback_in_history_only(
