@@ -65,6 +65,7 @@ def summary(config: WorkerSettings, settings: Settings, db_url: str) -> str:
         + (f"under {', '.join(map(str, config.input_dirs))}" if config.input_dirs else "refused")
         + "; URLs "
         + ("on private networks too" if config.input_allow_private else "on public addresses only"),
+        "            buckets " + (", ".join(config.input_buckets) or "refused"),
         "  metrics   "
         + (f"http://{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off"),
     ]

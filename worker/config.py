@@ -21,6 +21,8 @@ from worker.storage.local import LocalStorage
 KNOWN_BACKENDS = ("comfyui", "f5tts", "imageops")
 _QUEUE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # the SQL constraint on gpuq.jobs.queue
 _PROVIDER = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # the SQL constraint on gpuq.instances.provider
+_BUCKET = re.compile(r"^[A-Za-z0-9._-]+$")
+BUCKET_SCHEMES = ("s3", "supabase")
 EC2_DMI_FILES = ("/sys/devices/virtual/dmi/id/board_vendor", "/sys/devices/virtual/dmi/id/sys_vendor")
 
 
@@ -42,6 +44,7 @@ class WorkerSettings:
     input_max_bytes: int
     input_timeout_seconds: float
     input_dirs: tuple[Path, ...]  # local paths and file:// inputs only from under these
+    input_buckets: tuple[str, ...]  # s3:// and supabase:// inputs only from these, as "scheme://bucket"
     input_allow_private: bool  # http(s) inputs may reach loopback and private addresses
     spot_watch: bool
     spot_metadata_url: str
@@ -119,6 +122,8 @@ class WorkerSettings:
         storage_url = env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs")
         raw_dirs = env.get("GPUQ_INPUT_DIRS")
         input_dirs = parse_input_dirs(raw_dirs) if raw_dirs else _local_storage_root(storage_url)
+        raw_buckets = env.get("GPUQ_INPUT_BUCKETS")
+        input_buckets = parse_input_buckets(raw_buckets) if raw_buckets else _output_bucket(storage_url)
 
         return cls(
             queues=queues,
@@ -133,6 +138,7 @@ class WorkerSettings:
             input_max_bytes=max_bytes,
             input_timeout_seconds=input_timeout,
             input_dirs=input_dirs,
+            input_buckets=input_buckets,
             input_allow_private=_bool(env, "GPUQ_INPUT_ALLOW_PRIVATE", False),
             spot_watch=spot,
             spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
@@ -199,6 +205,36 @@ def parse_input_dirs(raw: str) -> tuple[Path, ...]:
             raise ConfigError(f"GPUQ_INPUT_DIRS: {item} is not a directory")
         dirs.append(path.resolve())
     return tuple(dirs)
+
+
+def parse_input_buckets(raw: str) -> tuple[str, ...]:
+    """ "uploads,s3://refs" -> ("s3://uploads", "supabase://uploads", "s3://refs"): a bare name allows
+    that bucket for both s3:// and supabase://, "scheme://bucket" for the one scheme."""
+    buckets: list[str] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        scheme, sep, name = item.rpartition("://")
+        scheme = scheme.lower()
+        if sep and scheme not in BUCKET_SCHEMES:
+            raise ConfigError(
+                f"GPUQ_INPUT_BUCKETS: {item!r} is not s3://bucket, supabase://bucket or a bare bucket name"
+            )
+        name = name.rstrip("/")
+        if not _BUCKET.match(name):
+            raise ConfigError(
+                f"GPUQ_INPUT_BUCKETS entries are whole buckets (letters, digits, . _ -), "
+                f"optionally s3:// or supabase://; got {item!r}"
+            )
+        buckets += [f"{s}://{name}" for s in ((scheme,) if sep else BUCKET_SCHEMES)]
+    return tuple(dict.fromkeys(buckets))
+
+
+def _output_bucket(storage_url: str) -> tuple[str, ...]:
+    """The default GPUQ_INPUT_BUCKETS: the output bucket when outputs go to S3 or Supabase, so a job may
+    take an earlier job's output; nothing else the worker's credentials can read."""
+    parts = urlsplit(storage_url.strip())
+    if parts.scheme in BUCKET_SCHEMES and parts.netloc:
+        return (f"{parts.scheme}://{parts.netloc}",)
+    return ()
 
 
 def _local_storage_root(storage_url: str) -> tuple[Path, ...]:

@@ -6,7 +6,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -65,15 +65,17 @@ def fetch_input(
     timeout_s: float,
     storages: Mapping[str, Storage] | None = None,
     input_dirs: Sequence[Path] = (),
+    input_buckets: Collection[str] = (),
     allow_private: bool = False,
 ) -> Path:
     """Fetch the input `ref` names into `dest_dir` and return the local file.
 
     s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
-    environment when none is given. Local paths and file:// are read only from under `input_dirs`
-    (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata), nor loopback
-    or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (unknown scheme, not found,
-    refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
+    environment when none is given, and only from the buckets `input_buckets` names as
+    "scheme://bucket" (none: no bucket inputs). Local paths and file:// are read only from under
+    `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata),
+    nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (unknown scheme,
+    not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
     """
     ref = ref.strip()
     parts = urlsplit(ref)
@@ -89,6 +91,7 @@ def fetch_input(
     if scheme in ("s3", "supabase"):
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
+        _check_bucket(ref, f"{scheme}://{parts.netloc}", input_buckets)
         found = (storages or {}).get(scheme)
         if found is None:
             try:
@@ -97,6 +100,21 @@ def fetch_input(
                 raise JobError(ErrorCode.INPUT_INVALID, f"cannot read {scheme}:// inputs: {e}") from e
         return found.get(ref, dest, max_bytes)
     raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
+
+
+def _check_bucket(ref: str, bucket: str, input_buckets: Collection[str]) -> None:
+    """Refuse `bucket` ("s3://name") unless it is one of `input_buckets`.
+
+    The worker's credentials read more than the requesting user may (Supabase's service-role key reads
+    every bucket): without this, a payload naming another tenant's object would get it back as an output.
+    The bucket compared is the URL's netloc, exactly what the storage kinds read from.
+    """
+    if bucket not in input_buckets:
+        allowed = ", ".join(input_buckets) or "none"
+        raise JobError(
+            ErrorCode.INPUT_INVALID,
+            f"refusing input {ref}: bucket {bucket} is not in GPUQ_INPUT_BUCKETS (now: {allowed})",
+        )
 
 
 def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:

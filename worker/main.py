@@ -306,6 +306,7 @@ class Worker:
                     timeout_s=self.config.input_timeout_seconds,
                     storages={self.storage.scheme: self.storage},
                     input_dirs=self.config.input_dirs,
+                    input_buckets=self.config.input_buckets,
                     allow_private=self.config.input_allow_private,
                 )
             finally:

@@ -19,6 +19,7 @@ import pytest
 from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.errors import ErrorCode, JobError
 from worker.inputs import fetch_input, output_key
+from worker.storage.base import Storage
 from worker.storage.s3 import S3Storage
 from worker.storage.supabase import SupabaseStorage
 
@@ -120,6 +121,7 @@ def no_storage_env(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
 def supa() -> Iterator[SupabaseStorageStandIn]:
     with SupabaseStorageStandIn() as standin:
         standin.create_bucket("inputs")
+        standin.create_bucket("private")  # another tenant's
         yield standin
 
 
@@ -373,17 +375,24 @@ def test_s3_inputs(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     client.create_bucket(Bucket=bucket)
     client.put_object(Bucket=bucket, Key="refs/garment.png", Body=BODY)
 
+    # a second bucket, beside the output bucket, allowed for s3:// inputs
     storages = {"s3": S3Storage("outputs-bucket", endpoint_url=moto_url)}
-    got = fetch(f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages)
+    allowed = {"input_buckets": ("s3://outputs-bucket", f"s3://{bucket}")}
+    got = fetch(f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages, **allowed)
     assert (got.name, got.read_bytes()) == ("garment.png", BODY)
-    fails(ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/none.png", tmp_path, storages=storages)
+    fails(ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/none.png", tmp_path, storages=storages, **allowed)
     fails(
-        ErrorCode.INPUT_INVALID, f"s3://{bucket}/refs/garment.png", tmp_path, storages=storages, max_bytes=100
+        ErrorCode.INPUT_INVALID,
+        f"s3://{bucket}/refs/garment.png",
+        tmp_path,
+        storages=storages,
+        max_bytes=100,
+        **allowed,
     )
 
     # With no storage given, one is built from the environment.
     monkeypatch.setenv("GPUQ_S3_ENDPOINT_URL", moto_url)
-    assert fetch(f"s3://{bucket}/refs/garment.png", tmp_path / "env").read_bytes() == BODY
+    assert fetch(f"s3://{bucket}/refs/garment.png", tmp_path / "env", **allowed).read_bytes() == BODY
 
 
 def test_supabase_inputs(
@@ -393,14 +402,18 @@ def test_supabase_inputs(
     src = tmp_path / "avatar.png"
     src.write_bytes(BODY)
     storage.put("users/1/avatar.png", src, "image/png")
+    allowed = {"input_buckets": ("supabase://inputs",)}  # the output bucket
 
-    got = fetch("supabase://inputs/users/1/avatar.png", tmp_path / "job", storages={"supabase": storage})
+    got = fetch(
+        "supabase://inputs/users/1/avatar.png", tmp_path / "job", storages={"supabase": storage}, **allowed
+    )
     assert (got.name, got.read_bytes()) == ("avatar.png", BODY)
     fails(
         ErrorCode.INPUT_INVALID,
         "supabase://inputs/users/1/none.png",
         tmp_path,
         storages={"supabase": storage},
+        **allowed,
     )
     supa.fail_next(503)
     err = fails(
@@ -408,14 +421,71 @@ def test_supabase_inputs(
         "supabase://inputs/users/1/avatar.png",
         tmp_path,
         storages={"supabase": storage},
+        **allowed,
     )
     assert err.retryable
 
     # Unconfigured: the payload asks for something this worker cannot read.
-    fails(ErrorCode.INPUT_INVALID, "supabase://inputs/users/1/avatar.png", tmp_path / "x")
+    err = fails(ErrorCode.INPUT_INVALID, "supabase://inputs/users/1/avatar.png", tmp_path / "x", **allowed)
+    assert err.message.startswith("cannot read supabase:// inputs")
     monkeypatch.setenv("SUPABASE_URL", supa.url)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", supa.service_role_key)
-    assert fetch("supabase://inputs/users/1/avatar.png", tmp_path / "env").read_bytes() == BODY
+    assert fetch("supabase://inputs/users/1/avatar.png", tmp_path / "env", **allowed).read_bytes() == BODY
+
+
+# -- s3:// and supabase:// only from the allowed buckets
+
+PHOTO = "users/2/photo.png"
+
+
+@pytest.fixture(params=["s3", "supabase"])
+def two_buckets(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[str, Storage], str, str]:
+    """A storage of one scheme, its output bucket and another bucket, each holding PHOTO, as
+    ({scheme: storage}, "scheme://outputs", "scheme://other"): the worker's credentials read both."""
+    if request.param == "s3":
+        moto_url = request.getfixturevalue("moto_url")
+        outputs, other = f"out-{uuid.uuid4().hex[:12]}", f"private-{uuid.uuid4().hex[:12]}"
+        client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+        for bucket in (outputs, other):
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key=PHOTO, Body=BODY)
+        storage: Storage = S3Storage(outputs, "jobs", endpoint_url=moto_url)
+    else:
+        supa = request.getfixturevalue("supa")
+        outputs, other = "inputs", "private"
+        src = tmp_path / "photo.png"
+        src.write_bytes(BODY)
+        for bucket in (outputs, other):
+            SupabaseStorage(supa.url, supa.service_role_key, bucket).put(PHOTO, src, "image/png")
+        storage = SupabaseStorage(supa.url, supa.service_role_key, outputs, "jobs")
+    scheme = request.param
+    return {scheme: storage}, f"{scheme}://{outputs}", f"{scheme}://{other}"
+
+
+def test_bucket_inputs_only_from_the_allowed_buckets(
+    two_buckets: tuple[dict[str, Storage], str, str], tmp_path: Path
+) -> None:
+    storages, outputs, other = two_buckets
+    scheme, _, name = other.partition("://")
+    twin = "supabase" if scheme == "s3" else "s3"
+    dest = tmp_path / "job"
+    for allowed, shown in (
+        ((outputs,), outputs),  # the worker's default: the output bucket only
+        ((f"{twin}://{name}",), f"{twin}://{name}"),  # the same name for the other scheme
+        ((), "none"),  # fetch_input's default
+    ):
+        err = fails(
+            ErrorCode.INPUT_INVALID, f"{other}/{PHOTO}", dest, storages=storages, input_buckets=allowed
+        )
+        assert not err.retryable
+        assert err.message == (
+            f"refusing input {other}/{PHOTO}: bucket {other} is not in GPUQ_INPUT_BUCKETS (now: {shown})"
+        )
+        assert not dest.exists() or list(dest.iterdir()) == []
+
+    assert fetch(f"{outputs}/{PHOTO}", dest, storages=storages, input_buckets=(outputs,)).read_bytes() == BODY
+    both = (outputs, other)  # a second bucket, allowed explicitly
+    assert fetch(f"{other}/{PHOTO}", dest, storages=storages, input_buckets=both).read_bytes() == BODY
 
 
 # -- output keys

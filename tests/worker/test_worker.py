@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
 import pytest
 import requests
 from PIL import Image
@@ -27,7 +28,9 @@ from PIL import Image
 from gpuq.client import Client
 from gpuq.settings import Settings
 from tests.standins.comfyui import ComfyUIStandIn
+from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.config import ConfigError, WorkerSettings, parse_concurrency, parse_queues
+from worker.storage.supabase import SupabaseStorage
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = ["-c", "import sys; from worker.cli import main; sys.exit(main())"]
@@ -406,6 +409,55 @@ def test_inputs_outside_the_input_dirs_or_on_loopback_fail_once_and_nothing_else
     assert wait_status(client, ok, "succeeded").attempt == 1
 
 
+@pytest.mark.parametrize("scheme", ["s3", "supabase"])
+def test_bucket_inputs_only_from_the_output_bucket_by_default(
+    scheme: str,
+    request: pytest.FixtureRequest,
+    aws_env: None,
+    client: Client,
+    start_worker: Callable[..., WorkerProc],
+    tmp_path: Path,
+) -> None:
+    """The worker's credentials read both buckets; a payload may name only the one outputs go to."""
+    png = make_png(tmp_path / "in.png")
+    outputs, other = f"out-{secrets.token_hex(4)}", f"private-{secrets.token_hex(4)}"
+    if scheme == "s3":
+        moto_url = request.getfixturevalue("moto_url")
+        s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+        for bucket in (outputs, other):
+            s3.create_bucket(Bucket=bucket)
+            s3.upload_file(str(png), bucket, "users/2/photo.png")
+        env = {"GPUQ_S3_ENDPOINT_URL": moto_url}
+    else:
+        supa = request.getfixturevalue("supabase_standin")
+        for bucket in (outputs, other):
+            supa.create_bucket(bucket)
+            SupabaseStorage(supa.url, supa.service_role_key, bucket).put(
+                "users/2/photo.png", png, "image/png"
+            )
+        env = {"SUPABASE_URL": supa.url, "SUPABASE_SERVICE_ROLE_KEY": supa.service_role_key}
+    w = start_worker("demo=imageops", GPUQ_STORAGE_URL=f"{scheme}://{outputs}/jobs", **env)
+    assert f"buckets {scheme}://{outputs}\n" in w.log  # the start-up summary
+
+    refused = f"{scheme}://{other}/users/2/photo.png"
+    bad = client.enqueue("demo", {"image": refused, "format": "png"}, max_attempts=3)
+    ok = client.enqueue("demo", {"image": f"{scheme}://{outputs}/users/2/photo.png", "format": "png"})
+    job = client.wait(bad, timeout=20)
+    assert (job.status, job.error_code, job.attempt) == ("failed", "INPUT_INVALID", 1), job.result
+    assert job.result is None and events(client, bad) == ["failed"]
+    assert job.error_message == (
+        f"refusing input {refused}: bucket {scheme}://{other} is not in GPUQ_INPUT_BUCKETS "
+        f"(now: {scheme}://{outputs})"
+    )
+    assert wait_status(client, ok, "succeeded").attempt == 1
+
+
+@pytest.fixture
+def supabase_standin() -> Iterator[SupabaseStorageStandIn]:
+    with SupabaseStorageStandIn() as standin:
+        yield standin
+
+
 def test_input_settings_default_to_the_local_output_dir_and_refuse_clearly(tmp_path: Path) -> None:
     settings = Settings(None, tmp_path, False, 60, 1.0)
     base = {"GPUQ_QUEUES": "a=imageops", "GPUQ_SPOT_WATCH": "0"}
@@ -413,6 +465,20 @@ def test_input_settings_default_to_the_local_output_dir_and_refuse_clearly(tmp_p
     # outputs are local: a job may take an earlier job's output, and nothing else on the machine
     assert ws.input_dirs == ((tmp_path / "outputs").resolve(),) and ws.input_allow_private is False
     assert WorkerSettings.from_env(settings, {**base, "GPUQ_STORAGE_URL": "s3://b/out"}).input_dirs == ()
+
+    def buckets(**env: str) -> tuple[str, ...]:
+        return WorkerSettings.from_env(settings, {**base, **env}).input_buckets
+
+    # bucket inputs: the output bucket when outputs go to one (a job may take an earlier job's output)
+    assert ws.input_buckets == () and buckets(GPUQ_STORAGE_URL=str(tmp_path / "out")) == ()
+    assert buckets(GPUQ_STORAGE_URL="s3://media/gpuq?public=true") == ("s3://media",)
+    assert buckets(GPUQ_STORAGE_URL="supabase://media") == ("supabase://media",)
+    # set, it replaces the default; a bare name is both schemes' bucket
+    assert buckets(
+        GPUQ_STORAGE_URL="s3://media/gpuq",
+        GPUQ_INPUT_BUCKETS=" uploads, supabase://avatars/ ,S3://media,uploads,",
+    ) == ("s3://uploads", "supabase://uploads", "supabase://avatars", "s3://media")
+    assert buckets(GPUQ_STORAGE_URL="s3://media/gpuq", GPUQ_INPUT_BUCKETS="s3://uploads") == ("s3://uploads",)
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -431,6 +497,18 @@ def test_input_settings_default_to_the_local_output_dir_and_refuse_clearly(tmp_p
         (
             {"GPUQ_INPUT_ALLOW_PRIVATE": "maybe"},
             "GPUQ_INPUT_ALLOW_PRIVATE must be true or false, got 'maybe'",
+        ),
+        (
+            {"GPUQ_INPUT_BUCKETS": "gs://media"},
+            "GPUQ_INPUT_BUCKETS: 'gs://media' is not s3://bucket, supabase://bucket or a bare bucket name",
+        ),
+        *(
+            (
+                {"GPUQ_INPUT_BUCKETS": f"uploads,{item}"},
+                "GPUQ_INPUT_BUCKETS entries are whole buckets (letters, digits, . _ -), "
+                f"optionally s3:// or supabase://; got {item!r}",
+            )
+            for item in ("s3://media/users/2", "media/users", "s3://", "user@media")
         ),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
