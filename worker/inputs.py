@@ -92,6 +92,9 @@ def fetch_input(
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
         _check_bucket(ref, f"{scheme}://{parts.netloc}", input_buckets)
+        if {".", ".."} & {*parts.path.split("/"), *unquote(parts.path).split("/")}:
+            # S3 keys are literal, but a server or proxy that resolves them would leave the bucket
+            raise JobError(ErrorCode.INPUT_INVALID, f"refusing input {ref}: '.' or '..' in the object key")
         found = (storages or {}).get(scheme)
         if found is None:
             try:

@@ -483,6 +483,11 @@ def test_bucket_inputs_only_from_the_allowed_buckets(
         )
         assert not dest.exists() or list(dest.iterdir()) == []
 
+    # nor through dot segments, which a path-style endpoint or a proxy might resolve
+    for ref in (f"{outputs}/../{name}/{PHOTO}", f"{outputs}/%2e%2E/{name}/{PHOTO}", f"{outputs}/./{PHOTO}"):
+        err = fails(ErrorCode.INPUT_INVALID, ref, dest, storages=storages, input_buckets=(outputs,))
+        assert err.message == f"refusing input {ref}: '.' or '..' in the object key"
+
     assert fetch(f"{outputs}/{PHOTO}", dest, storages=storages, input_buckets=(outputs,)).read_bytes() == BODY
     both = (outputs, other)  # a second bucket, allowed explicitly
     assert fetch(f"{other}/{PHOTO}", dest, storages=storages, input_buckets=both).read_bytes() == BODY
