@@ -6,46 +6,76 @@ The README's configuration table lists every variable; keep the two in step.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
+
+T = TypeVar("T")
 
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+class SettingError(ValueError):
+    """A malformed setting; the message names the variable."""
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
     if not raw:
         return default
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"gpuq: {name} must be a whole number, got {raw!r}") from None
+        raise SettingError(f"{name} must be a whole number, got {raw!r}") from None
 
 
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
+def parse_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = (env.get(name) or "").strip()
     if not raw:
         return default
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"gpuq: {name} must be a number, got {raw!r}") from None
+        raise SettingError(f"{name} must be a number, got {raw!r}") from None
+
+
+def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{name} must be true or false, got {raw!r}")
+
+
+# The same, from the process environment, for commands: a malformed value ends the command with its message.
+
+
+def env_int(name: str, default: int) -> int:
+    return _or_exit(parse_int, name, default)
+
+
+def env_float(name: str, default: float) -> float:
+    return _or_exit(parse_float, name, default)
 
 
 def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise SystemExit(f"gpuq: {name} must be true or false, got {raw!r}")
+    return _or_exit(parse_bool, name, default)
+
+
+def _or_exit(parse: Callable[[Mapping[str, str], str, T], T], name: str, default: T) -> T:
+    try:
+        return parse(os.environ, name, default)
+    except SettingError as e:
+        raise SystemExit(f"gpuq: {e}") from None
 
 
 @dataclass(frozen=True)

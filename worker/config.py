@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gpuq.settings import Settings
+from gpuq.settings import SettingError, Settings, parse_bool, parse_float, parse_int
 from worker.errors import JobError
 from worker.storage import storage_from_url
 from worker.storage.local import LocalStorage
@@ -26,8 +26,8 @@ BUCKET_SCHEMES = ("s3", "supabase")
 EC2_DMI_FILES = ("/sys/devices/virtual/dmi/id/board_vendor", "/sys/devices/virtual/dmi/id/sys_vendor")
 
 
-class ConfigError(ValueError):
-    """A setting the worker cannot run with; the message names the variable and the fix."""
+# A setting the worker cannot run with; the message names the variable and the fix.
+ConfigError = SettingError
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class WorkerSettings:
             instance_id = f"{socket.gethostname()}-{os.getpid()}"
 
         lease = settings.lease_seconds
-        heartbeat = _float(env, "GPUQ_HEARTBEAT_SECONDS", lease / 4)
+        heartbeat = parse_float(env, "GPUQ_HEARTBEAT_SECONDS", lease / 4)
         if heartbeat <= 0:
             raise ConfigError(f"GPUQ_HEARTBEAT_SECONDS must be positive, got {heartbeat:g}")
         if heartbeat >= lease / 2:
@@ -101,15 +101,15 @@ class WorkerSettings:
         else:
             raise ConfigError(f"GPUQ_SPOT_WATCH must be auto, true or false, got {spot_raw!r}")
 
-        port = _int(env, "GPUQ_METRICS_PORT", 0)
+        port = parse_int(env, "GPUQ_METRICS_PORT", 0)
         if not 0 <= port <= 65535:
             raise ConfigError(f"GPUQ_METRICS_PORT must be 0 (off) or a port number, got {port}")
-        max_bytes = _int(env, "GPUQ_INPUT_MAX_BYTES", 200 * 1024 * 1024)
+        max_bytes = parse_int(env, "GPUQ_INPUT_MAX_BYTES", 200 * 1024 * 1024)
         if max_bytes < 1:
             raise ConfigError(f"GPUQ_INPUT_MAX_BYTES must be at least 1, got {max_bytes}")
-        input_timeout = _float(env, "GPUQ_INPUT_TIMEOUT_SECONDS", 120.0)
-        grace = _float(env, "GPUQ_DRAIN_GRACE_SECONDS", 90.0)
-        spot_poll = _float(env, "GPUQ_SPOT_POLL_SECONDS", 5.0)
+        input_timeout = parse_float(env, "GPUQ_INPUT_TIMEOUT_SECONDS", 120.0)
+        grace = parse_float(env, "GPUQ_DRAIN_GRACE_SECONDS", 90.0)
+        spot_poll = parse_float(env, "GPUQ_SPOT_POLL_SECONDS", 5.0)
         for name, value in (
             ("GPUQ_INPUT_TIMEOUT_SECONDS", input_timeout),
             ("GPUQ_SPOT_POLL_SECONDS", spot_poll),
@@ -139,7 +139,7 @@ class WorkerSettings:
             input_timeout_seconds=input_timeout,
             input_dirs=input_dirs,
             input_buckets=input_buckets,
-            input_allow_private=_bool(env, "GPUQ_INPUT_ALLOW_PRIVATE", False),
+            input_allow_private=parse_bool(env, "GPUQ_INPUT_ALLOW_PRIVATE", False),
             spot_watch=spot,
             spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
             spot_poll_seconds=spot_poll,
@@ -257,34 +257,3 @@ def on_ec2() -> bool:
         except OSError:
             continue
     return False
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
