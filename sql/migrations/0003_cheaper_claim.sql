@@ -5,7 +5,9 @@
 --    plan because the generic one hash-joined `picked` against a seq scan of all jobs (it guesses
 --    LIMIT p_limit at 10% of the rows). The update now takes its rows by primary key
 --    (id = any (array(...))), whose generic plan is the same as the custom one at any table size, and the
---    function keeps that generic plan (plan_cache_mode). The two it calls when leases have expired keep
+--    function keeps that generic plan (plan_cache_mode). That plan's estimate, costed for LIMIT p_limit at 10%
+--    of the queue, passes jit_above_cost on a big queue: JIT would then add ~13 ms to every claim at 10^6
+--    queued, hence jit = off. The two it calls when leases have expired keep
 --    choosing as before (plan_cache_mode = auto). Otherwise unchanged.
 -- 2. queue_must_be_a_lowercase_name was a regex, evaluated on every UPDATE of a job (Postgres checks every
 --    CHECK on every update, changed column or not): ~2.5 µs per update, two updates per job. The same rule
@@ -27,7 +29,7 @@ create or replace function gpuq.claim_jobs(
     p_lease_seconds integer default 60
 ) returns setof gpuq.jobs
 language plpgsql security definer set search_path = pg_catalog, pg_temp
-set plan_cache_mode = force_generic_plan as $$
+set plan_cache_mode = force_generic_plan set jit = off as $$
 declare
     n integer;
 begin
