@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from gpuq.db import Connection, connect, database_url, redact
@@ -104,11 +105,22 @@ class Job:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{name: row[name] for name in JOB_COLUMNS})
+
+    @classmethod
+    def from_tuple(cls, row: Sequence[Any]) -> Job:
+        """From values in JOB_COLUMNS order, what JOB_SELECT gives: the claim's path, no dict per row."""
+        return cls(*row)
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+
+JOB_COLUMNS = tuple(f.name for f in fields(Job))
+# The select list that gives Job.from_tuple its values. status is cast to text: in binary results an enum
+# psycopg does not know comes back as bytes.
+JOB_SELECT = ", ".join("status::text" if name == "status" else name for name in JOB_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -341,13 +353,15 @@ class Client:
         vram_mb: int | None = None,
         lease_seconds: int | None = None,
     ) -> list[Job]:
-        rows = self.call(
-            "select * from gpuq.claim_jobs(%s, %s, %s, %s, %s)",
-            (instance_id, list(queues), limit, vram_mb, lease_seconds or self.settings.lease_seconds),
-        )
-        jobs = [Job.from_row(r) for r in rows]
-        jobs.sort(key=lambda j: (-j.priority, j.run_after, j.id))
-        return jobs
+        # tuples in binary (no dict per row, no text parsing of the timestamps), sorted by the server
+        with sql_errors():
+            cur = self.conn.cursor(row_factory=tuple_row, binary=True)
+            rows = cur.execute(
+                f"select {JOB_SELECT} from gpuq.claim_jobs(%s, %s, %s, %s, %s) "
+                "order by priority desc, run_after, id",
+                (instance_id, list(queues), limit, vram_mb, lease_seconds or self.settings.lease_seconds),
+            ).fetchall()
+        return [Job.from_tuple(r) for r in rows]
 
     def heartbeat(
         self,
@@ -391,15 +405,17 @@ class Client:
 
     def complete_many(self, done: Sequence[tuple[int, int, dict[str, Any] | None]]) -> list[int]:
         """Complete several attempts in one transaction; answers the job ids no longer held."""
+        results = [None if r is None else json.dumps(r) for _, _, r in done]
         rows = self.call(
-            "select * from gpuq.complete_jobs(%s, %s, %s::jsonb[])",
+            # only the ones not completed come back: normally none
+            "select job_id from gpuq.complete_jobs(%s, %s, %s::jsonb[]) where not completed",
             (
                 [j for j, _, _ in done],
                 [a for _, a, _ in done],
-                [None if r is None else json.dumps(r) for _, _, r in done],
+                None if all(r is None for r in results) else results,  # null: every result is {}
             ),
         )
-        return [int(r["job_id"]) for r in rows if not r["completed"]]
+        return [int(r["job_id"]) for r in rows]
 
     def fail(
         self,

@@ -44,6 +44,43 @@ def test_plain_insert_rejects_bad_rows_clearly(
     assert job_count(client) == 1
 
 
+QUEUE_NAMES = [
+    "q",
+    "9",
+    "a_b.c-d",
+    "0-x",
+    "a" * 63,
+    "a" * 64,
+    "",
+    "_a",
+    ".a",
+    "-a",
+    "A",
+    "qA",
+    "a b",
+    "a\n",
+    "a$",
+    "é",
+    "aé",
+    "a/b",
+]
+
+
+def test_the_queue_name_check_is_the_documented_pattern(client: Client) -> None:
+    """0004 replaced the regex check with a cheaper expression: it accepts exactly what the pattern does."""
+    for name in QUEUE_NAMES:
+        row = client.conn.execute("select %s ~ '^[a-z0-9][a-z0-9_.-]{0,62}$' as ok", (name,)).fetchone()
+        assert row is not None
+        try:
+            with client.conn.transaction():
+                client.conn.execute("insert into gpuq.jobs (queue) values (%s)", (name,))
+            accepted = True
+        except psycopg.errors.CheckViolation as exc:
+            assert exc.diag.constraint_name == "queue_must_be_a_lowercase_name"
+            accepted = False
+        assert accepted == row["ok"], name
+
+
 def test_a_bad_row_in_a_multi_row_insert_writes_none_of_them(client: Client) -> None:
     with pytest.raises(psycopg.errors.CheckViolation):
         client.conn.execute(
