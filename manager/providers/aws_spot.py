@@ -201,6 +201,8 @@ class AwsSpotProvider:
             if f is None or (subnet_az and az != subnet_az):
                 continue
             ceiling = price * (1 + self._price_margin)
+            # The volume priced at the queue's min_disk_gb, which the manager's config keeps at or above the
+            # disk it launches with: never below what will bill (the listing then prices the real volume).
             dph = ceiling + self._storage_dph(filters.min_disk_gb)
             if filters.max_dph is not None and dph > filters.max_dph:
                 continue
@@ -336,7 +338,13 @@ class AwsSpotProvider:
     # ------------------------------------------------------------------ list / destroy
     def list_instances(self, label_prefix: str) -> list[ProviderInstance]:
         found: list[ProviderInstance] = []
-        prices = self._prices[1] if self._prices else {}
+        try:
+            # What each instance bills now: the reconciliation records price changes from this listing and
+            # counts orphans at it, so it must not depend on a search having run in this process.
+            prices = self._spot_prices()
+        except ProviderError as e:
+            log.warning("aws_spot: listing without fresh prices: %s", e)
+            prices = self._prices[1] if self._prices else {}
         facts = self._facts or {}
         try:
             pages = self._ec2.get_paginator("describe_instances").paginate(

@@ -166,6 +166,9 @@ def test_list_by_label_prefix_across_pages_and_states(moto_url: str, ec2: object
     # a listing says what it bills now: the market price (the offer showed the ceiling we bid, 20 % over)
     # plus the 80 GB volume it was launched with
     assert all(i.dph == pytest.approx(offer.bid / 1.2 + 80 * 0.08 / 730, rel=1e-9) for i in listed)
+    # a fresh process (a cron tick reconciles before it searches) prices its listing too
+    fresh = AwsSpotProvider(region=REGION, ami_id=ami, instance_types=TYPES, endpoint_url=moto_url)
+    assert [i.dph for i in fresh.list_instances("gpuq:test:")] == pytest.approx([i.dph for i in listed])
     assert len(aws.list_instances("gpuq:")) == 8
 
 
