@@ -5,6 +5,7 @@ The README's configuration table lists every variable; keep the two in step.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,9 +41,12 @@ def parse_float(env: Mapping[str, str], name: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise SettingError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every "> cap" test as false
+        raise SettingError(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -32,6 +32,9 @@ def _aws_spot(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> P
     region, ami = os.environ.get("GPUQ_AWS_REGION"), os.environ.get("GPUQ_AWS_AMI")
     if not region or not ami:
         raise SystemExit("gpuq manager: the aws_spot provider needs GPUQ_AWS_REGION and GPUQ_AWS_AMI")
+    ebs = env_float("GPUQ_AWS_EBS_USD_PER_GB_MONTH", 0.08)
+    if ebs < 0:
+        raise SystemExit(f"gpuq manager: GPUQ_AWS_EBS_USD_PER_GB_MONTH must not be negative, got {ebs:g}")
     types = os.environ.get("GPUQ_AWS_INSTANCE_TYPES")
     groups = os.environ.get("GPUQ_AWS_SECURITY_GROUPS", "")
     return AwsSpotProvider(
@@ -42,7 +45,7 @@ def _aws_spot(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> P
         security_group_ids=[g.strip() for g in groups.split(",") if g.strip()],
         iam_instance_profile=os.environ.get("GPUQ_AWS_INSTANCE_PROFILE") or None,
         endpoint_url=os.environ.get("GPUQ_AWS_ENDPOINT_URL") or None,
-        ebs_usd_per_gb_month=env_float("GPUQ_AWS_EBS_USD_PER_GB_MONTH", 0.08),
+        ebs_usd_per_gb_month=ebs,
     )
 
 
