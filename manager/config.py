@@ -129,6 +129,13 @@ def _pick(cls: type, raw: dict[str, Any], where: str, skip: set[str] = frozenset
     return dict(raw)
 
 
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"gpuq manager: {name} must be a number, got {value!r}") from None
+
+
 def from_dict(raw: dict[str, Any]) -> ManagerSettings:
     """Settings from the parsed file, with the environment's overrides."""
     raw = dict(raw)
@@ -158,9 +165,12 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         offer = OfferFilter(**_pick(OfferFilter, offer_raw, f"queues.{name}.offer"))
         if "windows" in q:
             q["windows"] = tuple(Window.parse(w) for w in q["windows"])
-        queues[name] = QueuePolicy(
-            offer_filter=offer, **_pick(QueuePolicy, q, f"queues.{name}", {"offer_filter"})
-        )
+        try:
+            queues[name] = QueuePolicy(
+                offer_filter=offer, **_pick(QueuePolicy, q, f"queues.{name}", {"offer_filter"})
+            )
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"gpuq manager: queues.{name}: {e}") from None
         if "workflows" in lk:
             lk["workflows"] = tuple(lk["workflows"])
         if "env" in lk:
@@ -170,10 +180,13 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
     top = _pick(PolicySettings, raw, "the configuration", {"queues"})
     top.setdefault("daily_budget", 10.0)
     top.setdefault("max_total_dph", 2.0)
-    top["daily_budget"] = env_float("GPUQ_DAILY_BUDGET", float(top["daily_budget"]))
-    top["max_total_dph"] = env_float("GPUQ_MAX_TOTAL_DPH", float(top["max_total_dph"]))
+    top["daily_budget"] = env_float("GPUQ_DAILY_BUDGET", _number(top["daily_budget"], "daily_budget"))
+    top["max_total_dph"] = env_float("GPUQ_MAX_TOTAL_DPH", _number(top["max_total_dph"], "max_total_dph"))
     top["budget_tz"] = env_str("GPUQ_BUDGET_TZ", top.get("budget_tz", "UTC"))
-    policy = PolicySettings(queues=queues, **top)
+    try:
+        policy = PolicySettings(queues=queues, **top)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"gpuq manager: {e}") from None
 
     named = os.environ.get("GPUQ_MANAGER_PROVIDERS")
     providers = tuple(p.strip() for p in named.split(",") if p.strip()) if named else ()

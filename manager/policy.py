@@ -148,6 +148,19 @@ class QueuePolicy:
     windows: tuple[Window, ...] = ()  # empty: any hour
     tz: str = "UTC"
 
+    def __post_init__(self) -> None:
+        _positive("target_jobs_per_instance", self.target_jobs_per_instance)
+        _positive("target_utilisation", self.target_utilisation, most=1.0)
+        _positive("scale_in_utilisation", self.scale_in_utilisation, most=self.target_utilisation)
+        _not_negative("idle_timeout_s", self.idle_timeout_s)
+        if not 0 <= self.min_instances <= self.max_instances:
+            raise ValueError(
+                f"need 0 <= min_instances <= max_instances, got {self.min_instances} and {self.max_instances}"
+            )
+        if self.offer_filter.max_dph is not None:
+            _positive("offer max_dph", self.offer_filter.max_dph)
+        _known_zone("tz", self.tz)  # an unknown time zone fails here, not at the first tick
+
 
 @dataclass(frozen=True)
 class PolicySettings:
@@ -164,6 +177,36 @@ class PolicySettings:
     # An untried GPU type is ranked as if this many times faster than the fastest measured one, so each
     # type that could be cheaper per job gets tried; 1.0 never explores.
     explore_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        # A nan cap would pass every "over the cap?" test: the money settings must be plain numbers.
+        _not_negative("max_total_dph", self.max_total_dph)
+        _not_negative("daily_budget", self.daily_budget)
+        for name in ("ready_timeout_s", "heartbeat_timeout_s", "drain_timeout_s", "cooldown_s"):
+            _not_negative(name, getattr(self, name))
+        for name in ("min_window_left_s", "billing_lag_s"):
+            _not_negative(name, getattr(self, name))
+        if not self.explore_factor >= 1.0:
+            raise ValueError(f"explore_factor must be at least 1, got {self.explore_factor!r}")
+        _known_zone("budget_tz", self.budget_tz)
+
+
+def _known_zone(name: str, tz: str) -> None:
+    try:
+        _zone(tz)
+    except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+        raise ValueError(f"{name}: unknown time zone {tz!r}") from None
+
+
+def _not_negative(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _positive(name: str, value: float, most: float = math.inf) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= most):
+        limit = f" and at most {most:g}" if most < math.inf else ""
+        raise ValueError(f"{name} must be a number above 0{limit}, got {value!r}")
 
 
 @dataclass(frozen=True)
