@@ -39,7 +39,6 @@ $1.30/h, only 09:00–01:00 Europe/Madrid, the cheapest offer by $/h, destroyed 
 from __future__ import annotations
 
 import argparse
-import bisect
 import heapq
 import json
 import math
@@ -707,14 +706,19 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
     return sorted_values[rank - 1]
 
 
+def _working_offers(trace: Trace, spec: QueueSpec) -> list[SimOffer]:
+    """The offers a queue may rent that do become ready."""
+    hardware = OfferFilter(
+        gpu_names=spec.gpu_names, min_vram_mb=spec.min_vram_mb, max_dph=spec.max_dph, verified_only=False
+    )
+    return [o for o in trace.offers if o.boot_s is not None and offer_matches(o.offer, hardware)]
+
+
 def lower_bound(trace: Trace) -> float:
     """Every job's work at the lowest $ per unit of work its queue can rent; no idle, no boot."""
     total = 0.0
     for name, spec in trace.queues.items():
-        hardware = OfferFilter(
-            gpu_names=spec.gpu_names, min_vram_mb=spec.min_vram_mb, max_dph=spec.max_dph, verified_only=False
-        )
-        working = [o for o in trace.offers if o.boot_s is not None and offer_matches(o.offer, hardware)]
+        working = _working_offers(trace, spec)
         if not working:
             continue
         per_work_s = min(o.offer.dph / o.speed for o in working) / 3600
@@ -727,36 +731,29 @@ def hindsight_fleet_cost(trace: Trace, utilisation: float = 1.0, slot_s: float =
 
     Each `slot_s`, the load is the work (service seconds on a speed-1.0 GPU) of the jobs arriving within
     half an hour either side, per second of that hour; the fleet is the cheapest set of working offers,
-    each rented at most once, whose speeds add up to load / utilisation. No boot, outbid or queueing is
-    charged. Under a steady load this is a best case that shows what GPUs coming whole and `utilisation`
-    headroom cost on top of the lower bound; under a trickle of jobs it is not (it never scales to zero
-    between jobs).
+    each rented at most once, whose speeds add up to load / utilisation (a load beyond all of them is
+    charged all of them). No boot, outbid or queueing is charged. Under a steady load this is a best case
+    that shows what GPUs coming whole and `utilisation` headroom cost on top of the lower bound; under a
+    trickle of jobs it is not (it never scales to zero between jobs).
     """
+    step = 0.01  # speed is counted in hundredths, offers' speeds rounded down: the fleet never falls short
     total = 0.0
     for name, spec in trace.queues.items():
-        hardware = OfferFilter(
-            gpu_names=spec.gpu_names, min_vram_mb=spec.min_vram_mb, max_dph=spec.max_dph, verified_only=False
-        )
-        working = [o for o in trace.offers if o.boot_s is not None and offer_matches(o.offer, hardware)]
-        # Every set of offers as (speed, $/h); then the cheapest $/h reaching at least each speed.
-        sets = [(0.0, 0.0)]
-        for o in working:
-            sets += [(speed + o.speed, dph + o.offer.dph) for speed, dph in sets]
-        sets.sort()
-        speeds = [speed for speed, _ in sets]
-        cheapest_from = [0.0] * len(sets)
-        best = math.inf
-        for n in range(len(sets) - 1, -1, -1):
-            best = min(best, sets[n][1])
-            cheapest_from[n] = best
-        jobs = sorted((t, w) for t, q, w in trace.jobs if q == name)
+        working = _working_offers(trace, spec)
+        units = [(int(o.speed / step + 1e-9), o.offer.dph) for o in working]
+        most = sum(u for u, _ in units)
+        # cheapest[c]: the least $/h of a set of offers whose speeds reach at least c (a 0/1 knapsack)
+        cheapest = [0.0] + [math.inf] * most
+        for u, dph in units:
+            for c in range(most, 0, -1):
+                cheapest[c] = min(cheapest[c], cheapest[max(0, c - u)] + dph)
+        jobs = [(t, w) for t, q, w in trace.jobs if q == name]
         t = 0.0
         while t < trace.duration_s:
             # The hour around the slot, cut to the trace: its first and last slots see half an hour.
             lo, hi = max(0.0, t + slot_s / 2 - 1800), min(trace.duration_s, t + slot_s / 2 + 1800)
             need = sum(w for a, w in jobs if lo <= a < hi) / (hi - lo) / utilisation
-            n = min(bisect.bisect_left(speeds, need - 1e-9), len(sets) - 1)
-            total += cheapest_from[n] * slot_s / 3600
+            total += cheapest[min(most, math.ceil(need / step - 1e-9))] * slot_s / 3600
             t += slot_s
     return total
 

@@ -146,6 +146,7 @@ def test_hindsight_fleet_rounds_up_to_whole_gpus_and_mixes_them() -> None:
     jobs = [(t, "q", 60.0) for t in range(0, 7200, 100)]
     one = tiny(jobs, [sim_offer(0, 1.0, speed=1.0)], duration_s=7200.0)
     assert hindsight_fleet_cost(one, 1.0) == pytest.approx(2 * 1.0)  # the whole GPU, both hours
+    assert hindsight_fleet_cost(one, 0.5) == pytest.approx(2 * 1.0)  # 1.2 wanted, all there is charged
     assert hindsight_fleet_cost(one, 1.0) > lower_bound(one) == pytest.approx(0.6 * 2 * 1.0, rel=0.01)
     # Two slow cheap GPUs (0.35 each) cover 0.6 for less than the one fast one; at 50 % utilisation the
     # 1.2 needed takes the fast one plus one slow one.
