@@ -457,7 +457,7 @@ def _scale_in(
     # Going to zero is the idle timeout's call alone: a quiet queue keeps one warm that long.
     if len(pool) < 2 or snap.recent_load > (len(pool) - 1) * policy.scale_in_utilisation:
         return
-    rest = [i for i in pool if i.id not in plan.acted and i.state not in _STARTING]
+    rest = [i for i in pool if i.id not in plan.acted]
     if not rest:
         return
     worst = max(rest, key=lambda i: (not i.busy, rank.cost_per_job(i.gpu_name, i.dph), i.id))
