@@ -321,6 +321,9 @@ def test_storage_from_url_s3(moto_url: str, bucket: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     signed = storage_from_url(f"s3://{bucket}?expires_in=600")
     assert "X-Amz-Expires=600" in signed.put(KEY, png, "image/png")
+    # a typo must not quietly mean "private": the outputs' URLs would then expire under the app
+    with pytest.raises(ValueError, match="public must be true or false, got 'ture'"):
+        storage_from_url(f"s3://{bucket}?public=ture")
 
 
 def test_storage_from_url_supabase(

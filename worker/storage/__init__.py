@@ -17,14 +17,11 @@ from __future__ import annotations
 import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from gpuq.settings import parse_bool
 from worker.storage.base import Storage
 from worker.storage.local import DEFAULT_DIR, LocalStorage, local_path_from_url
 
 __all__ = ["Storage", "storage_from_url"]
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def storage_from_url(url: str) -> Storage:
@@ -40,7 +37,7 @@ def storage_from_url(url: str) -> Storage:
     bucket, prefix = parts.netloc, unquote(parts.path).strip("/")
     if not bucket:
         raise ValueError(f"storage URL names no bucket: {url}")
-    public = _flag(query.get("public"))
+    public = parse_bool(query, "public", False)  # a typo is an error, not "private"
     expires = int(query["expires_in"]) if "expires_in" in query else None
 
     if parts.scheme == "s3":
