@@ -27,6 +27,7 @@ from worker.storage.local import copy_local, local_path_from_url
 CHUNK = 256 * 1024
 _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never raw in a URL; a NUL cannot even be stored in an error
 MAX_REDIRECTS = 5
 # Cloud metadata services live on link-local addresses (AWS, GCP, Azure, Vast hosts: 169.254.169.254; AWS's
 # IPv6 endpoint fd00:ec2::254). An input URL must never reach them: the answer would be stored as an output.
@@ -74,11 +75,17 @@ def fetch_input(
     environment when none is given, and only from the buckets `input_buckets` names as
     "scheme://bucket" (none: no bucket inputs). Local paths and file:// are read only from under
     `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata),
-    nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (unknown scheme,
-    not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
+    nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (malformed,
+    unknown scheme, not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx:
+    worth a retry).
     """
     ref = ref.strip()
-    parts = urlsplit(ref)
+    try:
+        if _CONTROL.search(ref):
+            raise ValueError("control characters in it")
+        parts = urlsplit(ref)  # ValueError: "http://[::1/a"
+    except ValueError as e:
+        raise JobError(ErrorCode.INPUT_INVALID, f"malformed input {ref[:200]!r}: {e}") from None
     scheme = parts.scheme.lower()
     name = safe_name(unquote(PurePosixPath(parts.path).name), "input")
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +135,7 @@ def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
     """
     try:
         path = local_path_from_url(ref).resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL (%00)
         raise JobError(ErrorCode.INPUT_INVALID, f"cannot resolve input {ref}: {e}") from None
     if not any(path.is_relative_to(d.resolve()) for d in input_dirs):
         allowed = ", ".join(str(d) for d in input_dirs) or "none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from worker.storage.s3 import S3Storage
 from worker.storage.supabase import SupabaseStorage
 
 BODY = bytes(range(256)) * 64  # 16 KiB
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 LIMIT = 1 << 20
 
 
@@ -359,6 +361,27 @@ def test_local_inputs_only_from_under_the_input_dirs(tmp_path: Path) -> None:
     # with no input dirs (fetch_input's default), every local path is refused
     err = fails(ErrorCode.INPUT_INVALID, str(allowed / "refs" / "a.png"), dest)
     assert "GPUQ_INPUT_DIRS (now: none)" in err.message
+
+
+@pytest.mark.parametrize(
+    ("ref", "why"),
+    [
+        ("{dir}/a\x00.png", "control characters"),
+        ("file://{dir}/a%00.png", "embedded null byte"),  # Path.resolve raises ValueError
+        ("http://[::1/a.png", "Invalid IPv6 URL"),  # and so does urlsplit
+        ("http://[zz]/a.png", "does not appear to be an IPv4 or IPv6 address"),
+        ("s3://[::1/a.png", "Invalid IPv6 URL"),
+        ("http://127.0.0.1/a\nb.png", "control characters"),  # urlsplit would drop the newline
+    ],
+)
+def test_malformed_refs_are_input_invalid(ref: str, why: str, tmp_path: Path) -> None:
+    """Not a WORKER_ERROR, which would be retried; and no NUL in the message, which Postgres cannot store."""
+    allowed = tmp_path / "inputs"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(BODY)
+    err = fails(ErrorCode.INPUT_INVALID, ref.format(dir=allowed), tmp_path / "job", input_dirs=[allowed])
+    assert why in err.message and not err.retryable
+    assert not _CONTROL_CHARS.search(err.message)
 
 
 @pytest.mark.parametrize("ref", ["ftp://host/x.png", "data:image/png;base64,AAAA", "gs://b/x.png"])
