@@ -263,11 +263,27 @@ def _get(
     """GET with redirects followed by hand, so that every hop is checked before it is connected to."""
     for _ in range(MAX_REDIRECTS + 1):
         _refuse_forbidden_addresses(url, shown, allow_private)
-        r = session.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        try:
+            r = session.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        except requests.RequestException:  # InvalidURL is a ValueError too
+            raise
+        except ValueError as e:
+            # requests parses a redirect's Location even when not following it (Response.next); the URL
+            # asked for passed urlsplit already, and requests reports its other faults as InvalidURL.
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
         if not r.is_redirect:
             return r
         r.close()
-        url = urljoin(url, r.headers["Location"])
+        try:
+            url = urljoin(url, r.headers["Location"])
+            scheme = urlsplit(url).scheme.lower()
+            if _CONTROL.search(url):
+                raise ValueError("control characters in it")
+        except ValueError as e:
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
+        if scheme not in ("http", "https"):
+            # requests would answer "No connection adapters", a retryable failure that retrying never fixes
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: refusing a redirect to a {scheme}: URL")
     raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
 
 

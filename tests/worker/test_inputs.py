@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import boto3
 import pytest
@@ -56,6 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._head(302, 0, {"Location": "/moved/avatar.bin"})
         elif path == "/redirect-to-metadata":
             self._head(302, 0, {"Location": "http://169.254.169.254/latest/meta-data/iam/"})
+        elif path.startswith("/redirect-to/"):  # /redirect-to/<Location, percent-encoded>
+            self._head(302, 0, {"Location": unquote(path.removeprefix("/redirect-to/"))})
         elif path == "/redirect-loop":
             self._head(302, 0, {"Location": "/redirect-loop"})
         elif path == "/big-declared":  # says it is large up front
@@ -237,6 +239,26 @@ def test_http_checks_the_address_connected_to_not_only_the_first_lookup(
     lookups.clear()
     got = fetch(ref, tmp_path, allow_private=True)
     assert got.read_bytes() == BODY and "/files/rebound.bin" in seen
+
+
+@pytest.mark.parametrize(
+    ("location", "why"),
+    [
+        ("file:///etc/passwd", "refusing a redirect to a file: URL"),
+        ("s3://other-bucket/private.png", "refusing a redirect to a s3: URL"),
+        ("supabase://private/users/1/a.png", "refusing a redirect to a supabase: URL"),
+        ("ftp://example.com/x.png", "refusing a redirect to a ftp: URL"),
+        ("http://[::1/x.png", "malformed redirect: Invalid IPv6 URL"),
+        ("/moved/a\x00.png", "malformed redirect: control characters in it"),
+    ],
+)
+def test_http_refuses_a_redirect_off_http(http_url: str, location: str, why: str, tmp_path: Path) -> None:
+    """Not INPUT_FETCH_FAILED ("No connection adapters"), which would be retried to the same end."""
+    ref = f"{http_url}/redirect-to/{quote(location, safe='')}"
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path)
+    assert err.message == f"GET {ref}: {why}"
+    assert not err.retryable
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_http_gives_up_on_a_redirect_loop(http_url: str, tmp_path: Path) -> None:
