@@ -29,9 +29,49 @@ _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never raw in a URL; a NUL cannot even be stored in an error
 MAX_REDIRECTS = 5
-# Cloud metadata services live on link-local addresses (AWS, GCP, Azure, Vast hosts: 169.254.169.254; AWS's
-# IPv6 endpoint fd00:ec2::254). An input URL must never reach them: the answer would be stored as an output.
-_METADATA_V6 = ipaddress.ip_address("fd00:ec2::254")
+
+
+def _networks(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+# Cloud metadata services: an input URL must never reach them, allowed private networks or not (the answer
+# would be stored as an output). Most live on link-local addresses (AWS, GCP, Azure, Oracle, Vast hosts:
+# 169.254.169.254); the rest: AWS's IPv6 endpoint, Alibaba's, Oracle's legacy one.
+_LINK_LOCAL = _networks("169.254.0.0/16", "fe80::/10")
+_METADATA = _networks("fd00:ec2::254/128", "100.100.100.200/32", "192.0.0.192/32")
+# What inputs reach only with GPUQ_INPUT_ALLOW_PRIVATE, besides whatever `is_global` denies: the
+# not-globally-reachable entries of IANA's special-purpose registries, spelled out since `is_global`'s
+# ranges changed across Python patch releases (3.11.7 counts 192.0.0.192 and 64:ff9b:1::/48 as global).
+_REFUSED = (
+    ("loopback", _networks("127.0.0.0/8", "::1/128")),
+    ("unspecified", _networks("0.0.0.0/8", "::/128")),  # 0/8 is "this network": 0.0.0.0 is the host itself
+    ("multicast", _networks("224.0.0.0/4", "ff00::/8")),
+    (
+        "private",
+        _networks("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "fec0::/10"),
+    ),
+    (
+        "reserved",
+        _networks(
+            "192.0.0.0/24",  # IETF protocol assignments
+            "192.0.2.0/24",  # documentation
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "192.88.99.0/24",  # 6to4 relay anycast, deprecated
+            "198.18.0.0/15",  # benchmarking
+            "240.0.0.0/4",  # reserved, and the broadcast address
+            "64:ff9b:1::/48",  # local-use NAT64
+            "100::/64",  # discard-only
+            "2001::/23",  # IETF protocol assignments: Teredo, benchmarking, ORCHID
+            "2001:db8::/32",  # documentation
+            "3fff::/20",
+            "5f00::/16",  # SRv6 SIDs
+        ),
+    ),
+)
+_NAT64 = _networks("64:ff9b::/96", "64:ff9b:1::/48")  # the IPv4 address in the low 32 bits
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated; the same
 
 
 def safe_name(name: str, default: str = "file") -> str:
@@ -74,7 +114,7 @@ def fetch_input(
     s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
     environment when none is given, and only from the buckets `input_buckets` names as
     "scheme://bucket" (none: no bucket inputs). Local paths and file:// are read only from under
-    `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata),
+    `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses nor cloud metadata,
     nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (malformed,
     unknown scheme, not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx:
     worth a retry).
@@ -160,24 +200,45 @@ def _redact(text: str, url: str) -> str:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (NAT64, 6to4, Teredo, IPv4-compatible): a translator or
+    relay may deliver to them, so 64:ff9b::a9fe:a9fe can be 169.254.169.254."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if any(ip in n for n in _NAT64) or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # not :: nor ::1
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour:
+        return [ip.sixtofour]
+    if ip.teredo:
+        return list(ip.teredo)  # the server and the client
+    return []
+
+
 def _refusal(ip: IPAddress, allow_private: bool) -> str | None:
     """Why an input URL may not reach `ip`, or None when it may."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-    if ip.is_link_local or ip == _METADATA_V6:
-        return "a link-local address where cloud metadata lives"
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254, to the kernel too
+    # The embedded addresses first, as what they are, then the IPv6 address itself.
+    checked = [(a, f"which embeds {a}, ") for a in _embedded_ipv4(ip)] + [(ip, "")]
+    for addr, embeds in checked:
+        if any(addr in n for n in _LINK_LOCAL):
+            return f"{embeds}a link-local address where cloud metadata lives"
+        if any(addr in n for n in _METADATA):
+            return f"{embeds}a cloud metadata address"
     if allow_private:
         return None
     # On a rented machine ComfyUI and the worker's metrics listen locally: their answers must not
     # become outputs. Private networks are opt-in.
-    for kind, match in (
-        ("loopback", ip.is_loopback),
-        ("unspecified", ip.is_unspecified),
-        ("multicast", ip.is_multicast),
-        ("private", not ip.is_global),
-    ):
-        if match:
-            return f"a {kind} address; set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+    for addr, embeds in checked:
+        kind = next((k for k, nets in _REFUSED if any(addr in n for n in nets)), None)
+        if kind is None and not addr.is_global:
+            kind = "private"
+        if kind:
+            article = "an" if kind == "unspecified" else "a"
+            return (
+                f"{embeds}{article} {kind} address; "
+                "set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+            )
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import threading
@@ -19,7 +20,7 @@ import pytest
 
 from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.errors import ErrorCode, JobError
-from worker.inputs import fetch_input, output_key
+from worker.inputs import _refusal, fetch_input, output_key
 from worker.storage.base import Storage
 from worker.storage.s3 import S3Storage
 from worker.storage.supabase import SupabaseStorage
@@ -160,17 +161,19 @@ def test_http_follows_redirects(http_url: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "ref",
+    ("ref", "why"),
     [
-        "http://169.254.169.254/latest/meta-data/iam/",
-        "http://[fd00:ec2::254]/latest/",
-        "http://169.254.1.1/x",
-        "http://[::ffff:169.254.169.254]/latest/",  # the same address, IPv4-mapped
+        ("http://169.254.169.254/latest/meta-data/iam/", "a link-local address where cloud metadata lives"),
+        ("http://[fd00:ec2::254]/latest/", "a cloud metadata address"),
+        ("http://100.100.100.200/latest/meta-data/", "a cloud metadata address"),  # Alibaba
+        ("http://169.254.1.1/x", "a link-local address where cloud metadata lives"),
+        # the same address, IPv4-mapped
+        ("http://[::ffff:169.254.169.254]/latest/", "a link-local address where cloud metadata lives"),
     ],
 )
-def test_http_refuses_cloud_metadata_addresses_before_connecting(ref: str, tmp_path: Path) -> None:
-    with pytest.raises(JobError, match="link-local address where cloud metadata lives") as err:
-        fetch(ref, tmp_path)
+def test_http_refuses_cloud_metadata_addresses_before_connecting(ref: str, why: str, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match=why) as err:
+        fetch(ref, tmp_path)  # private addresses allowed
     assert err.value.code == ErrorCode.INPUT_INVALID and not err.value.retryable
     assert list(tmp_path.iterdir()) == []
 
@@ -192,22 +195,165 @@ def test_http_refuses_loopback_by_default(http_server: tuple[str, list[str]], tm
 
 
 @pytest.mark.parametrize(
-    ("ref", "kind"),
+    ("ref", "why"),
     [
-        ("http://10.1.2.3/x.png", "private"),
-        ("http://192.168.0.10/x.png", "private"),
-        ("http://172.16.5.4/x.png", "private"),
-        ("http://100.100.100.200/latest/meta-data/", "private"),  # shared address space (Alibaba metadata)
-        ("http://[fd12:3456::1]/x.png", "private"),  # IPv6 unique local
-        ("http://[::1]:8188/view", "loopback"),
-        ("http://[::ffff:127.0.0.1]:8188/view", "loopback"),
-        ("http://0.0.0.0:8188/view", "unspecified"),
-        ("http://224.0.0.1/x.png", "multicast"),
+        ("http://10.1.2.3/x.png", "a private"),
+        ("http://192.168.0.10/x.png", "a private"),
+        ("http://172.16.5.4/x.png", "a private"),
+        ("http://100.64.0.1/x.png", "a private"),  # shared address space (carrier-grade NAT)
+        ("http://[fd12:3456::1]/x.png", "a private"),  # IPv6 unique local
+        ("http://[::1]:8188/view", "a loopback"),
+        ("http://[::ffff:127.0.0.1]:8188/view", "a loopback"),
+        ("http://0.0.0.0:8188/view", "an unspecified"),
+        ("http://224.0.0.1/x.png", "a multicast"),
+        ("http://[64:ff9b::7f00:1]:8188/view", "which embeds 127.0.0.1, a loopback"),  # NAT64
     ],
 )
-def test_http_refuses_private_addresses_by_default(ref: str, kind: str, tmp_path: Path) -> None:
+def test_http_refuses_private_addresses_by_default(ref: str, why: str, tmp_path: Path) -> None:
     err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=False)
-    assert f"a {kind} address; set GPUQ_INPUT_ALLOW_PRIVATE=1" in str(err)
+    assert f"{why} address; set GPUQ_INPUT_ALLOW_PRIVATE=1" in str(err)
+
+
+LINK_LOCAL = "a link-local address where cloud metadata lives"
+METADATA = "a cloud metadata address"
+
+
+def _teredo(server: str, client: str) -> str:
+    """A Teredo address (2001::/32): the server's IPv4 address, then the client's with its bits inverted."""
+    inverted = int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF
+    return str(ipaddress.IPv6Address((0x2001 << 112) | (int(ipaddress.IPv4Address(server)) << 64) | inverted))
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("169.254.169.254", LINK_LOCAL),  # AWS, GCP, Azure, Oracle, ...
+        ("169.254.0.23", LINK_LOCAL),  # Tencent
+        ("fe80::1", LINK_LOCAL),
+        ("fd00:ec2::254", METADATA),  # AWS over IPv6
+        ("100.100.100.200", METADATA),  # Alibaba
+        ("192.0.0.192", METADATA),  # Oracle's legacy endpoint; Python 3.11.7 calls it global
+        ("::ffff:169.254.169.254", LINK_LOCAL),
+        ("::ffff:100.100.100.200", METADATA),
+        ("64:ff9b::a9fe:a9fe", f"which embeds 169.254.169.254, {LINK_LOCAL}"),  # NAT64
+        ("64:ff9b:1::a9fe:a9fe", f"which embeds 169.254.169.254, {LINK_LOCAL}"),  # local-use NAT64
+        ("64:ff9b::6464:64c8", f"which embeds 100.100.100.200, {METADATA}"),
+        ("2002:a9fe:a9fe::1", f"which embeds 169.254.169.254, {LINK_LOCAL}"),  # 6to4
+        ("2002:c000:c0::", f"which embeds 192.0.0.192, {METADATA}"),
+        (_teredo("8.8.8.8", "169.254.169.254"), f"which embeds 169.254.169.254, {LINK_LOCAL}"),
+        (_teredo("169.254.169.254", "8.8.8.8"), f"which embeds 169.254.169.254, {LINK_LOCAL}"),
+        ("::a9fe:a9fe", f"which embeds 169.254.169.254, {LINK_LOCAL}"),  # IPv4-compatible
+    ],
+)
+def test_cloud_metadata_is_refused_even_with_private_networks_allowed(address: str, why: str) -> None:
+    ip = ipaddress.ip_address(address)
+    assert _refusal(ip, allow_private=True) == why
+    assert _refusal(ip, allow_private=False) == why
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "a loopback"),
+        ("127.255.0.1", "a loopback"),
+        ("::1", "a loopback"),
+        ("0.0.0.0", "an unspecified"),
+        ("0.1.2.3", "an unspecified"),  # "this network"
+        ("::", "an unspecified"),
+        ("224.0.0.1", "a multicast"),
+        ("239.255.255.250", "a multicast"),
+        ("ff02::1", "a multicast"),
+        ("10.1.2.3", "a private"),
+        ("172.31.255.1", "a private"),
+        ("192.168.1.1", "a private"),
+        ("100.64.0.1", "a private"),  # carrier-grade NAT
+        ("100.127.255.254", "a private"),
+        ("fc00::1", "a private"),
+        ("fd12:3456::1", "a private"),
+        ("fec0::1", "a private"),  # site-local, deprecated; Python 3.11.7 calls it global
+        ("192.0.0.8", "a reserved"),
+        ("192.0.2.1", "a reserved"),
+        ("198.51.100.7", "a reserved"),
+        ("203.0.113.7", "a reserved"),
+        ("198.18.0.1", "a reserved"),
+        ("198.19.255.1", "a reserved"),
+        ("192.88.99.1", "a reserved"),
+        ("240.0.0.1", "a reserved"),
+        ("255.255.255.255", "a reserved"),
+        ("2001:db8::1", "a reserved"),
+        ("100::1", "a reserved"),
+        ("3fff::1", "a reserved"),
+        ("5f00::1", "a reserved"),
+        ("64:ff9b:1::808:808", "a reserved"),  # local-use NAT64, to a public address
+        (_teredo("8.8.8.8", "8.8.4.4"), "a reserved"),
+        ("::ffff:127.0.0.1", "a loopback"),
+        ("::ffff:10.0.0.1", "a private"),
+        ("64:ff9b::7f00:1", "which embeds 127.0.0.1, a loopback"),  # NAT64
+        ("64:ff9b::a00:1", "which embeds 10.0.0.1, a private"),
+        ("64:ff9b::6440:1", "which embeds 100.64.0.1, a private"),
+        ("64:ff9b:1::7f00:1", "which embeds 127.0.0.1, a loopback"),
+        ("64:ff9b::e000:1", "which embeds 224.0.0.1, a multicast"),
+        ("2002:7f00:1::", "which embeds 127.0.0.1, a loopback"),  # 6to4
+        ("2002:c0a8:101::1", "which embeds 192.168.1.1, a private"),
+        (_teredo("8.8.8.8", "127.0.0.1"), "which embeds 127.0.0.1, a loopback"),
+        (_teredo("10.0.0.1", "8.8.8.8"), "which embeds 10.0.0.1, a private"),
+        ("::7f00:1", "which embeds 127.0.0.1, a loopback"),  # IPv4-compatible
+        ("::c0a8:101", "which embeds 192.168.1.1, a private"),
+    ],
+)
+def test_private_addresses_are_refused_unless_allowed(address: str, why: str) -> None:
+    ip = ipaddress.ip_address(address)
+    suffix = " address; set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+    assert _refusal(ip, allow_private=False) == why + suffix
+    assert _refusal(ip, allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "93.184.216.34",
+        "2001:4860:4860::8888",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",  # NAT64 to a public address
+        "2002:808:808::1",  # 6to4 from one
+        "::808:808",
+    ],
+)
+def test_public_addresses_are_not_refused(address: str) -> None:
+    assert _refusal(ipaddress.ip_address(address), allow_private=False) is None
+
+
+def test_http_refuses_a_name_resolving_to_a_nat64_embedded_address(
+    http_server: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DNS64 answer for a name whose IPv4 address is 127.0.0.1, then 169.254.169.254: refused before
+    connecting (where NAT64 runs, connecting would reach them)."""
+    url, seen = http_server
+    real_getaddrinfo = socket.getaddrinfo
+    answers = {"dns64.example": "64:ff9b::7f00:1", "metadata.dns64.example": "64:ff9b::a9fe:a9fe"}
+
+    def dns64(host: object, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo(answers.get(str(host), host), *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns64)
+    ref = "http://dns64.example/files/dns64.bin"
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=False, timeout_s=1.0)
+    assert err.message == (
+        f"refusing input {ref}: dns64.example is 64:ff9b::7f00:1, which embeds 127.0.0.1, a loopback "
+        "address; set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+    )
+    # through a redirect from a server private networks may reach
+    ref = f"{url}/redirect-to/{quote('http://metadata.dns64.example/latest/meta-data/', safe='')}"
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path, allow_private=True, timeout_s=1.0)
+    assert err.message == (
+        f"refusing input {ref}: metadata.dns64.example is 64:ff9b::a9fe:a9fe, which embeds 169.254.169.254, "
+        "a link-local address where cloud metadata lives"
+    )
+    assert "/files/dns64.bin" not in seen and "/latest/meta-data/" not in seen
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_http_checks_the_address_connected_to_not_only_the_first_lookup(
