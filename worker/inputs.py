@@ -134,7 +134,9 @@ def fetch_input(
     if scheme in ("http", "https"):
         return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
     if scheme in ("", "file"):
-        return copy_local(_allowed_local_path(ref, input_dirs), dest, max_bytes)
+        path = _allowed_local_path(ref, input_dirs)
+        # checked again on the file as opened: a symlink swapped in meanwhile must not lead out
+        return copy_local(path, dest, max_bytes, check=lambda real: _check_local_path(ref, real, input_dirs))
     if scheme in ("s3", "supabase"):
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
@@ -171,12 +173,19 @@ def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
     """The file `ref` names, symlinks and .. resolved, if that lies under one of `input_dirs`.
 
     Payloads are user-controlled: without this, "/proc/self/environ" would hand the worker's secrets
-    to whoever reads the job's output. The resolved path is what gets copied, not the link.
+    to whoever reads the job's output. The resolved path is what gets opened, and the file as opened is
+    checked again (`copy_local`'s `check`), so a symlink swapped in between leads nowhere.
     """
     try:
         path = local_path_from_url(ref).resolve()
     except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL (%00)
         raise JobError(ErrorCode.INPUT_INVALID, f"cannot resolve input {ref}: {e}") from None
+    _check_local_path(ref, path, input_dirs)
+    return path
+
+
+def _check_local_path(ref: str, path: Path, input_dirs: Sequence[Path]) -> None:
+    """Refuse `path`, symlinks and .. resolved already, unless it lies under one of `input_dirs`."""
     if not any(path.is_relative_to(d.resolve()) for d in input_dirs):
         allowed = ", ".join(str(d) for d in input_dirs) or "none"
         raise JobError(
@@ -184,7 +193,6 @@ def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
             f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
             "symlinks and .. followed",
         )
-    return path
 
 
 def _redact(text: str, url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import threading
@@ -18,6 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 import boto3
 import pytest
 
+import worker.inputs
 from tests.standins.supabase_storage import SupabaseStorageStandIn
 from worker.errors import ErrorCode, JobError
 from worker.inputs import _refusal, fetch_input, output_key
@@ -529,6 +531,70 @@ def test_local_inputs_only_from_under_the_input_dirs(tmp_path: Path) -> None:
     # with no input dirs (fetch_input's default), every local path is refused
     err = fails(ErrorCode.INPUT_INVALID, str(allowed / "refs" / "a.png"), dest)
     assert "GPUQ_INPUT_DIRS (now: none)" in err.message
+
+
+@pytest.mark.parametrize("swap", ["file", "directory"])
+def test_local_inputs_checked_on_the_file_opened(
+    swap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlink swapped in between the check of the path and the copy does not lead out."""
+    allowed = tmp_path / "inputs"
+    (allowed / "refs").mkdir(parents=True)
+    (allowed / "refs" / "a.png").write_bytes(BODY)
+    outside = tmp_path / "secrets"
+    outside.mkdir()
+    (outside / "a.png").write_text("DATABASE_URL=postgresql://worker:s3cret@db/app\n")
+    check_path = worker.inputs._allowed_local_path
+
+    def check_then_swap(ref: str, input_dirs: Any) -> Path:
+        path = check_path(ref, input_dirs)
+        if swap == "file":
+            (allowed / "refs" / "a.png").unlink()
+            (allowed / "refs" / "a.png").symlink_to(outside / "a.png")
+        else:
+            (allowed / "refs").rename(allowed / "old-refs")
+            (allowed / "refs").symlink_to(outside)
+        return path
+
+    monkeypatch.setattr(worker.inputs, "_allowed_local_path", check_then_swap)
+    ref = str(allowed / "refs" / "a.png")
+    err = fails(ErrorCode.INPUT_INVALID, ref, tmp_path / "job", input_dirs=[allowed])
+    assert err.message.startswith(f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS")
+    assert list((tmp_path / "job").iterdir()) == []
+
+
+def test_local_inputs_stop_at_the_limit_when_the_file_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size checked is the open file's, and the copy stops past max_bytes should it grow after."""
+    allowed = tmp_path / "inputs"
+    allowed.mkdir()
+    src = allowed / "growing.wav"
+    src.write_bytes(BODY)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if st.st_ino == src.stat().st_ino and st.st_size == len(BODY):
+            with src.open("ab") as f:
+                f.write(b"x" * LIMIT)  # a writer appends between the size check and the copy
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat_then_grow)
+    with pytest.raises(JobError) as err:
+        fetch(str(src), tmp_path / "job", input_dirs=[allowed], max_bytes=2 * len(BODY))
+    monkeypatch.undo()
+    assert err.value.code == ErrorCode.INPUT_INVALID
+    assert err.value.message == f"{src} grew past the limit of {2 * len(BODY)} bytes"
+    assert list((tmp_path / "job").iterdir()) == []
+
+
+def test_local_inputs_refuse_a_fifo_without_blocking(tmp_path: Path) -> None:
+    allowed = tmp_path / "inputs"
+    allowed.mkdir()
+    os.mkfifo(allowed / "pipe.wav")  # opening it for reading would wait for a writer
+    err = fails(ErrorCode.INPUT_INVALID, str(allowed / "pipe.wav"), tmp_path / "job", input_dirs=[allowed])
+    assert err.message == f"no such file: {allowed / 'pipe.wav'}"
 
 
 @pytest.mark.parametrize(
