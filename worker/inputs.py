@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import time
@@ -320,6 +321,9 @@ def _session(allow_private: bool) -> requests.Session:
     # No proxies from the environment: through one, the address checked would be the proxy's.
     # (Nor ~/.netrc credentials, which would go to whatever host a payload names.)
     session.trust_env = False
+    # That also drops the CA bundle requests takes from the environment: for https inputs signed by a
+    # private CA, honour it here as requests would.
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     adapter = _CheckedAdapter(allow_private)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
