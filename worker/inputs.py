@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import time
@@ -27,10 +28,51 @@ from worker.storage.local import copy_local, local_path_from_url
 CHUNK = 256 * 1024
 _RETRYABLE_HTTP = {408, 425, 429}  # and every 5xx
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never raw in a URL; a NUL cannot even be stored in an error
 MAX_REDIRECTS = 5
-# Cloud metadata services live on link-local addresses (AWS, GCP, Azure, Vast hosts: 169.254.169.254; AWS's
-# IPv6 endpoint fd00:ec2::254). An input URL must never reach them: the answer would be stored as an output.
-_METADATA_V6 = ipaddress.ip_address("fd00:ec2::254")
+
+
+def _networks(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+# Cloud metadata services: an input URL must never reach them, allowed private networks or not (the answer
+# would be stored as an output). Most live on link-local addresses (AWS, GCP, Azure, Oracle, Vast hosts:
+# 169.254.169.254); the rest: AWS's IPv6 endpoint, Alibaba's, Oracle's legacy one.
+_LINK_LOCAL = _networks("169.254.0.0/16", "fe80::/10")
+_METADATA = _networks("fd00:ec2::254/128", "100.100.100.200/32", "192.0.0.192/32")
+# What inputs reach only with GPUQ_INPUT_ALLOW_PRIVATE, besides whatever `is_global` denies: the
+# not-globally-reachable entries of IANA's special-purpose registries, spelled out since `is_global`'s
+# ranges changed across Python patch releases (3.11.7 counts 192.0.0.192 and 64:ff9b:1::/48 as global).
+_REFUSED = (
+    ("loopback", _networks("127.0.0.0/8", "::1/128")),
+    ("unspecified", _networks("0.0.0.0/8", "::/128")),  # 0/8 is "this network": 0.0.0.0 is the host itself
+    ("multicast", _networks("224.0.0.0/4", "ff00::/8")),
+    (
+        "private",
+        _networks("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "fec0::/10"),
+    ),
+    (
+        "reserved",
+        _networks(
+            "192.0.0.0/24",  # IETF protocol assignments
+            "192.0.2.0/24",  # documentation
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "192.88.99.0/24",  # 6to4 relay anycast, deprecated
+            "198.18.0.0/15",  # benchmarking
+            "240.0.0.0/4",  # reserved, and the broadcast address
+            "64:ff9b:1::/48",  # local-use NAT64
+            "100::/64",  # discard-only
+            "2001::/23",  # IETF protocol assignments: Teredo, benchmarking, ORCHID
+            "2001:db8::/32",  # documentation
+            "3fff::/20",
+            "5f00::/16",  # SRv6 SIDs
+        ),
+    ),
+)
+_NAT64 = _networks("64:ff9b::/96", "64:ff9b:1::/48")  # the IPv4 address in the low 32 bits
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated; the same
 
 
 def safe_name(name: str, default: str = "file") -> str:
@@ -73,12 +115,18 @@ def fetch_input(
     s3:// and supabase:// go through `storages[scheme]`, or through a storage built from the
     environment when none is given, and only from the buckets `input_buckets` names as
     "scheme://bucket" (none: no bucket inputs). Local paths and file:// are read only from under
-    `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses (cloud metadata),
-    nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (unknown scheme,
-    not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx: worth a retry).
+    `input_dirs` (none: no local inputs); http(s) never reaches link-local addresses nor cloud metadata,
+    nor loopback or private ones unless `allow_private`. Raises JobError: INPUT_INVALID (malformed,
+    unknown scheme, not found, refused, too large) or INPUT_FETCH_FAILED (network trouble, timeouts, 5xx:
+    worth a retry).
     """
     ref = ref.strip()
-    parts = urlsplit(ref)
+    try:
+        if _CONTROL.search(ref):
+            raise ValueError("control characters in it")
+        parts = urlsplit(ref)  # ValueError: "http://[::1/a"
+    except ValueError as e:
+        raise JobError(ErrorCode.INPUT_INVALID, f"malformed input {ref[:200]!r}: {e}") from None
     scheme = parts.scheme.lower()
     name = safe_name(unquote(PurePosixPath(parts.path).name), "input")
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +135,9 @@ def fetch_input(
     if scheme in ("http", "https"):
         return _fetch_http(ref, dest, max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
     if scheme in ("", "file"):
-        return copy_local(_allowed_local_path(ref, input_dirs), dest, max_bytes)
+        path = _allowed_local_path(ref, input_dirs)
+        # checked again on the file as opened: a symlink swapped in meanwhile must not lead out
+        return copy_local(path, dest, max_bytes, check=lambda real: _check_local_path(ref, real, input_dirs))
     if scheme in ("s3", "supabase"):
         if not parts.netloc:
             raise JobError(ErrorCode.INPUT_INVALID, f"input URL names no bucket: {ref}")
@@ -124,12 +174,19 @@ def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
     """The file `ref` names, symlinks and .. resolved, if that lies under one of `input_dirs`.
 
     Payloads are user-controlled: without this, "/proc/self/environ" would hand the worker's secrets
-    to whoever reads the job's output. The resolved path is what gets copied, not the link.
+    to whoever reads the job's output. The resolved path is what gets opened, and the file as opened is
+    checked again (`copy_local`'s `check`), so a symlink swapped in between leads nowhere.
     """
     try:
         path = local_path_from_url(ref).resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop; ValueError: a NUL (%00)
         raise JobError(ErrorCode.INPUT_INVALID, f"cannot resolve input {ref}: {e}") from None
+    _check_local_path(ref, path, input_dirs)
+    return path
+
+
+def _check_local_path(ref: str, path: Path, input_dirs: Sequence[Path]) -> None:
+    """Refuse `path`, symlinks and .. resolved already, unless it lies under one of `input_dirs`."""
     if not any(path.is_relative_to(d.resolve()) for d in input_dirs):
         allowed = ", ".join(str(d) for d in input_dirs) or "none"
         raise JobError(
@@ -137,7 +194,6 @@ def _allowed_local_path(ref: str, input_dirs: Sequence[Path]) -> Path:
             f"refusing input {ref}: local inputs must lie under GPUQ_INPUT_DIRS (now: {allowed}), "
             "symlinks and .. followed",
         )
-    return path
 
 
 def _redact(text: str, url: str) -> str:
@@ -153,24 +209,45 @@ def _redact(text: str, url: str) -> str:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (NAT64, 6to4, Teredo, IPv4-compatible): a translator or
+    relay may deliver to them, so 64:ff9b::a9fe:a9fe can be 169.254.169.254."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if any(ip in n for n in _NAT64) or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # not :: nor ::1
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour:
+        return [ip.sixtofour]
+    if ip.teredo:
+        return list(ip.teredo)  # the server and the client
+    return []
+
+
 def _refusal(ip: IPAddress, allow_private: bool) -> str | None:
     """Why an input URL may not reach `ip`, or None when it may."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-    if ip.is_link_local or ip == _METADATA_V6:
-        return "a link-local address where cloud metadata lives"
+        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254, to the kernel too
+    # The embedded addresses first, as what they are, then the IPv6 address itself.
+    checked = [(a, f"which embeds {a}, ") for a in _embedded_ipv4(ip)] + [(ip, "")]
+    for addr, embeds in checked:
+        if any(addr in n for n in _LINK_LOCAL):
+            return f"{embeds}a link-local address where cloud metadata lives"
+        if any(addr in n for n in _METADATA):
+            return f"{embeds}a cloud metadata address"
     if allow_private:
         return None
     # On a rented machine ComfyUI and the worker's metrics listen locally: their answers must not
     # become outputs. Private networks are opt-in.
-    for kind, match in (
-        ("loopback", ip.is_loopback),
-        ("unspecified", ip.is_unspecified),
-        ("multicast", ip.is_multicast),
-        ("private", not ip.is_global),
-    ):
-        if match:
-            return f"a {kind} address; set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+    for addr, embeds in checked:
+        kind = next((k for k, nets in _REFUSED if any(addr in n for n in nets)), None)
+        if kind is None and not addr.is_global:
+            kind = "private"
+        if kind:
+            article = "an" if kind == "unspecified" else "a"
+            return (
+                f"{embeds}{article} {kind} address; "
+                "set GPUQ_INPUT_ALLOW_PRIVATE=1 to fetch inputs from private networks"
+            )
     return None
 
 
@@ -244,6 +321,9 @@ def _session(allow_private: bool) -> requests.Session:
     # No proxies from the environment: through one, the address checked would be the proxy's.
     # (Nor ~/.netrc credentials, which would go to whatever host a payload names.)
     session.trust_env = False
+    # That also drops the CA bundle requests takes from the environment: for https inputs signed by a
+    # private CA, honour it here as requests would.
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     adapter = _CheckedAdapter(allow_private)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -256,11 +336,27 @@ def _get(
     """GET with redirects followed by hand, so that every hop is checked before it is connected to."""
     for _ in range(MAX_REDIRECTS + 1):
         _refuse_forbidden_addresses(url, shown, allow_private)
-        r = session.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        try:
+            r = session.get(url, stream=True, timeout=(timeout_s, timeout_s), allow_redirects=False)
+        except requests.RequestException:  # InvalidURL is a ValueError too
+            raise
+        except ValueError as e:
+            # requests parses a redirect's Location even when not following it (Response.next); the URL
+            # asked for passed urlsplit already, and requests reports its other faults as InvalidURL.
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
         if not r.is_redirect:
             return r
         r.close()
-        url = urljoin(url, r.headers["Location"])
+        try:
+            url = urljoin(url, r.headers["Location"])
+            scheme = urlsplit(url).scheme.lower()
+            if _CONTROL.search(url):
+                raise ValueError("control characters in it")
+        except ValueError as e:
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
+        if scheme not in ("http", "https"):
+            # requests would answer "No connection adapters", a retryable failure that retrying never fixes
+            raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: refusing a redirect to a {scheme}: URL")
     raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ErrorCode, JobError
 
 DEFAULT_DIR = Path(".gpuq/outputs")
+CHUNK = 1024 * 1024
 
 
 def local_path_from_url(url: str) -> Path:
@@ -30,18 +33,61 @@ def local_path_from_url(url: str) -> Path:
     return path
 
 
-def copy_local(src: Path, dest: Path, max_bytes: int) -> Path:
-    """Copy a local file to `dest`, refusing missing files, directories and files over max_bytes."""
-    if not src.is_file():
-        raise JobError(ErrorCode.INPUT_INVALID, f"no such file: {src}")
-    size = src.stat().st_size
-    if size > max_bytes:
-        raise JobError(ErrorCode.INPUT_INVALID, f"{src} is {size} bytes, over the limit of {max_bytes}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _real_path(fd: int, path: Path) -> Path:
+    """Where the open file `fd` really is: Linux names it in /proc; elsewhere `path`, resolved now."""
+    proc = f"/proc/self/fd/{fd}"
+    return Path(os.path.realpath(proc)) if os.path.islink(proc) else path.resolve()
+
+
+def copy_local(src: Path, dest: Path, max_bytes: int, check: Callable[[Path], None] | None = None) -> Path:
+    """Copy a local file to `dest`, refusing missing files, directories and files over max_bytes.
+
+    The file is opened once and all else is asked of the open file, so swapping it (or a directory on
+    its path) for a symlink meanwhile changes nothing: `check` is given the path it really has and may
+    refuse it (raise) before a byte is read; the size is the open file's; and the copy stops should the
+    file grow past max_bytes.
+    """
+    # O_NONBLOCK: a FIFO would block the open; it is refused below, as not a regular file
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    )
     try:
-        shutil.copyfile(src, dest)
+        fd = os.open(src, flags)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise JobError(ErrorCode.INPUT_INVALID, f"no such file: {src}") from e
+    except ValueError as e:  # a NUL
+        raise JobError(ErrorCode.INPUT_INVALID, f"no such file: {str(src)!r}: {e}") from None
     except OSError as e:
-        raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"copying {src}: {e}") from e
+        raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"opening {src}: {e}") from e
+    try:
+        if check is not None:
+            check(_real_path(fd, src))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JobError(ErrorCode.INPUT_INVALID, f"no such file: {src}")
+        if st.st_size > max_bytes:
+            raise JobError(
+                ErrorCode.INPUT_INVALID, f"{src} is {st.st_size} bytes, over the limit of {max_bytes}"
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with dest.open("wb") as out:
+                written = 0
+                while chunk := os.read(fd, min(CHUNK, max_bytes + 1 - written)):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise JobError(
+                            ErrorCode.INPUT_INVALID, f"{src} grew past the limit of {max_bytes} bytes"
+                        )
+                    out.write(chunk)
+        except JobError:
+            dest.unlink(missing_ok=True)
+            raise
+        except OSError as e:
+            dest.unlink(missing_ok=True)
+            raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"copying {src}: {e}") from e
+    finally:
+        os.close(fd)
     return dest
 
 
