@@ -180,11 +180,16 @@ class PolicySettings:
 
     def __post_init__(self) -> None:
         # A nan cap would pass every "over the cap?" test: the money settings must be plain numbers.
-        _not_negative("max_total_dph", self.max_total_dph)
-        _not_negative("daily_budget", self.daily_budget)
-        for name in ("ready_timeout_s", "heartbeat_timeout_s", "drain_timeout_s", "cooldown_s"):
-            _not_negative(name, getattr(self, name))
-        for name in ("min_window_left_s", "billing_lag_s"):
+        for name in (
+            "max_total_dph",
+            "daily_budget",
+            "ready_timeout_s",
+            "heartbeat_timeout_s",
+            "drain_timeout_s",
+            "cooldown_s",
+            "min_window_left_s",
+            "billing_lag_s",
+        ):
             _not_negative(name, getattr(self, name))
         if not self.explore_factor >= 1.0:
             raise ValueError(f"explore_factor must be at least 1, got {self.explore_factor!r}")
