@@ -354,8 +354,7 @@ class Client:
         lease_seconds: int | None = None,
     ) -> list[Job]:
         # tuples in binary (no dict per row, no text parsing of the timestamps), sorted by the server
-        with sql_errors():
-            cur = self.conn.cursor(row_factory=tuple_row, binary=True)
+        with sql_errors(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
             rows = cur.execute(
                 f"select {JOB_SELECT} from gpuq.claim_jobs(%s, %s, %s, %s, %s) "
                 "order by priority desc, run_after, id",
