@@ -193,7 +193,6 @@ def policy_settings(trace: Trace) -> PolicySettings:
             # than at 10, which pays for itself in wait without renting for every blip.
             target_jobs_per_instance=7.0,
             target_utilisation=0.85,
-            scale_in_utilisation=0.65,
             min_instances=0,
             max_instances=8,
             idle_timeout_s=600.0,

@@ -329,24 +329,43 @@ def test_load_scale_in_drains_the_dearest_busy_instance() -> None:
         inst("dear", S.BUSY, running=1, dph=0.9, gpu="A40"),
         inst("mid", S.BUSY, running=1, dph=0.5, gpu="A40"),
     ]
-    # Load 1.0 over 3 instances: two would run at 0.5, below scale_in_utilisation 0.65.
+    # Load 1.0 over 3 instances: two would run at 0.5, below scale_in_utilisation (0.8 by default).
     low = snap(running=3, recent_load=1.0, throughput={"A40": 60.0})
     [action] = run([low], fleet, MARKET, make_settings(target_jobs_per_instance=10))
     assert isinstance(action, Drain) and action.instance.id == "dear"
-    # Load 1.4: two would run at 0.7, inside the band: hold.
-    held = dataclasses.replace(low, recent_load=1.4)
+    # Load 1.7: two would run at 0.85, inside the band: hold.
+    held = dataclasses.replace(low, recent_load=1.7)
     assert run([held], fleet, MARKET, make_settings(target_jobs_per_instance=10)) == []
 
 
-def test_load_scale_in_threshold_is_pinned_at_0_65() -> None:
+def test_load_scale_in_threshold_defaults_to_0_8_or_the_target() -> None:
     fleet = [inst(f"i{n}", S.BUSY, running=1, dph=0.3 + n / 10, gpu="A40") for n in range(3)]
     settings = make_settings(target_jobs_per_instance=10)
-    assert QueuePolicy().scale_in_utilisation == 0.65
-    # Two would run at 0.645: below the threshold, give the dearest back.
-    [action] = run([snap(running=3, recent_load=1.29, throughput={"A40": 60.0})], fleet, MARKET, settings)
+    assert QueuePolicy().scale_in_at == 0.8
+    assert QueuePolicy(target_utilisation=0.7).scale_in_at == 0.7  # a lower target is not refused
+    # Two would run at 0.795: below the threshold, give the dearest back.
+    [action] = run([snap(running=3, recent_load=1.59, throughput={"A40": 60.0})], fleet, MARKET, settings)
     assert isinstance(action, Drain) and action.instance.id == "i2"
-    # Two would run at 0.66: hold.
-    assert run([snap(running=3, recent_load=1.32, throughput={"A40": 60.0})], fleet, MARKET, settings) == []
+    # Two would run at 0.81: hold.
+    assert run([snap(running=3, recent_load=1.62, throughput={"A40": 60.0})], fleet, MARKET, settings) == []
+    # Set explicitly, it is used as given.
+    lower = make_settings(target_jobs_per_instance=10, scale_in_utilisation=0.65)
+    assert run([snap(running=3, recent_load=1.32, throughput={"A40": 60.0})], fleet, MARKET, lower) == []
+
+
+def test_load_scale_in_holds_when_the_hours_arrivals_would_overload_the_rest() -> None:
+    # Two A40s doing 60 jobs/h each. The 20-minute load dipped to 0.7 (one would run at 0.7, below 0.8),
+    # but 55 jobs arrived in the last hour: one A40 would run at 55/60, past the 0.85 target. Hold.
+    fleet = [inst("a", S.BUSY, running=1, dph=0.3), inst("b", S.IDLE, dph=0.4, idle_min=1)]
+    settings = make_settings(target_jobs_per_instance=10)
+    dip = snap(running=1, recent_load=0.7, throughput={"A40": 60.0}, arrivals_per_hour=55.0)
+    assert run([dip], fleet, MARKET, settings) == []
+    # 45 an hour: one A40 at 0.75 keeps up, so the idle one goes.
+    [action] = run([dataclasses.replace(dip, arrivals_per_hour=45.0)], fleet, MARKET, settings)
+    assert isinstance(action, Destroy) and action.instance.id == "b"
+    # Nothing measured yet: the check has nothing to go on and the load alone decides.
+    [action] = run([dataclasses.replace(dip, throughput={})], fleet, MARKET, settings)
+    assert isinstance(action, Destroy) and action.instance.id == "b"
 
 
 def test_load_scale_in_waits_while_a_rented_instance_is_still_booting() -> None:
