@@ -9,6 +9,7 @@
 #   GPUQ_PROVIDER              vast | aws_spot | local
 #   GPUQ_PROVIDER_INSTANCE_ID  default: $CONTAINER_ID on Vast, the instance id from IMDS on EC2
 #   GPUQ_BACKENDS              e.g. comfyui,f5tts; comfyui installs ComfyUI through comfy-cli
+#   GPUQ_COMFYUI_VERSION       the ComfyUI release comfy-cli installs (default latest: the newest stable)
 #   GPUQ_WORKFLOWS             workflow names whose <name>.binding.json models are downloaded
 #   GPUQ_WORKFLOWS_DIR         where the binding files are (default: workflows/ beside the gpuq package)
 #   GPUQ_INSTALL_SPEC          pip spec of gpuq: a wheel URL or git+https URL (default gpuq)
@@ -63,7 +64,11 @@ if [[ "$BACKENDS" == *,comfyui,* ]]; then
   if [ ! -f "$COMFY/main.py" ]; then
     log "installing ComfyUI with comfy-cli"
     "$PY" -m pip install -q comfy-cli
-    "$V/bin/comfy" --skip-prompt --workspace "$COMFY" install --nvidia
+    # A stable release, not comfy-cli's default (master's latest commit); no ComfyUI-Manager (a headless
+    # worker has no use for it, and it lengthens the billed boot). comfy-cli picks the CUDA wheel that
+    # the host's driver supports.
+    "$V/bin/comfy" --skip-prompt --workspace "$COMFY" install --nvidia --skip-manager \
+      --version "${GPUQ_COMFYUI_VERSION:-latest}"
   fi
   WF="${GPUQ_WORKFLOWS_DIR:-$("$PY" -c 'import pathlib, worker; print(pathlib.Path(worker.__file__).resolve().parent.parent / "workflows")' 2>/dev/null || true)}"
   for name in ${GPUQ_WORKFLOWS//,/ }; do
