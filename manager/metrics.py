@@ -25,7 +25,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        # "now": tick.py clears and re-sets these two each tick, so a status or provider that is gone
+        # "now": tick.py clears and re-sets these each tick, so a status, provider or queue that is gone
         # leaves no series behind.
         self.instances = Gauge(
             "gpuq_manager_instances",

@@ -231,10 +231,10 @@ def _record_metrics(m: Manager, snap: Snapshot, rec: ReconcileReport) -> None:
     for inst in managed_instances(m.client, m.settings.label_prefix):
         instances[(inst.provider, inst.status.value)] += 1
         dph[inst.provider] = dph.get(inst.provider, 0.0) + inst.dph
-    # These describe now: a status or provider seen last tick and gone since must not keep its old
-    # value. Counted above first, so a scrape between clear and set finds them empty only briefly.
-    mt.instances.clear()
-    mt.dph.clear()
+    # These describe now: a status, provider or queue seen last tick and gone since must not keep its
+    # old value. Counted above first, so a scrape between clear and set finds them empty only briefly.
+    for gauge in (mt.instances, mt.dph, mt.queue_queued, mt.queue_running, mt.queue_oldest_wait):
+        gauge.clear()
     for (provider, status), n in instances.items():
         mt.instances.labels(provider, status).set(n)
     for provider, total in dph.items():

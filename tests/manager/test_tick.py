@@ -377,3 +377,35 @@ def test_metrics_describe_the_fleet(
     got = parse(textfile.read_text())
     assert got[("gpuq_manager_ticks_total", ())] == 2
     assert got[("gpuq_manager_actions_total", (("kind", "rent"),))] == 1
+
+
+def test_metrics_forget_a_status_and_a_queue_that_are_gone(
+    db: Client, vast: VastProvider, standin: VastStandin, env: None
+) -> None:
+    standin.add_offer()
+    enqueue(db, 1)
+    (other,) = enqueue(db, 1, queue="other")  # a queue no policy rents for: counted, never served
+    m = manager(db, vast)
+    tick(m)
+    got = parse(m.metrics.render())
+    assert got[("gpuq_manager_instances", (("provider", "vast"), ("status", "requested")))] == 1
+    assert got[("gpuq_manager_queue_queued", (("queue", "other"),))] == 1
+
+    # The stand-in now lists the instance (booting), and the other queue's only job is cancelled and
+    # older than gpuq.manager_queues() looks back, so that queue is no longer in the snapshot.
+    db.cancel(other)
+    db.conn.execute("update gpuq.jobs set created_at = now() - interval '2 hours' where queue = 'other'")
+    tick(m)
+    got = parse(m.metrics.render())
+    assert [r["status"] for r in rows(db, "select status from gpuq.instances")] == ["booting"]
+    instances = {k[1]: v for k, v in got.items() if k[0] == "gpuq_manager_instances"}
+    assert instances == {(("provider", "vast"), ("status", "booting")): 1}
+    queues = {(k[0], k[1]) for k in got if k[0].startswith("gpuq_manager_queue_")}
+    assert queues == {
+        (name, (("queue", "tryon"),))
+        for name in (
+            "gpuq_manager_queue_queued",
+            "gpuq_manager_queue_running",
+            "gpuq_manager_queue_oldest_wait_seconds",
+        )
+    }
