@@ -1,95 +1,89 @@
-"""The manager's state as Prometheus metrics (text exposition format), written to a file after each tick
-(for node_exporter's textfile collector, fit for cron) or served over HTTP by `run`."""
+"""The manager's state as Prometheus metrics, written to a file after each tick (for node_exporter's
+textfile collector, fit for cron) or served over HTTP by `run`.
+
+Each Manager has its own registry, so tests and several managers in one process never share series.
+Counters are declared by their full exposed names (`…_total`), the ones dashboards query; the library
+takes the suffix off the family name and puts it back on the sample.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
-Labels = tuple[tuple[str, str], ...]
-
-HELP = {
-    "gpuq_manager_instances": ("gauge", "instances by provider and status (not yet ended)"),
-    "gpuq_manager_dph": ("gauge", "$/h billing now, by provider"),
-    "gpuq_manager_spend_today_usd": ("gauge", "$ billed since the start of the budget day"),
-    "gpuq_manager_daily_budget_usd": ("gauge", "the daily budget"),
-    "gpuq_manager_max_total_dph": ("gauge", "the $/h cap"),
-    "gpuq_manager_queue_queued": ("gauge", "claimable jobs per queue"),
-    "gpuq_manager_queue_running": ("gauge", "running jobs per queue"),
-    "gpuq_manager_queue_oldest_wait_seconds": ("gauge", "wait of the oldest claimable job per queue"),
-    "gpuq_manager_actions_total": ("counter", "actions decided, by kind"),
-    "gpuq_manager_orphans_destroyed_total": ("counter", "instances billing that the database did not own"),
-    "gpuq_manager_lost_total": ("counter", "instances the provider stopped showing"),
-    "gpuq_manager_unverified_destroys": ("gauge", "instances still listed after destroy, last tick"),
-    "gpuq_manager_provider_errors_total": ("counter", "failed provider calls, by provider"),
-    "gpuq_manager_ticks_total": ("counter", "ticks run"),
-    "gpuq_manager_tick_duration_seconds": ("gauge", "duration of the last tick"),
-    "gpuq_manager_last_tick_timestamp_seconds": ("gauge", "when the last tick ended (unix time)"),
-}
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    start_http_server,
+    write_to_textfile,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[str, dict[Labels, float]] = defaultdict(dict)
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._values[name][tuple(sorted(labels.items()))] = float(value)
-
-    def inc(self, name: str, by: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[name][key] = self._values[name].get(key, 0.0) + by
-
-    def clear(self, name: str) -> None:
-        """Forget a gauge's series (e.g. a status no instance has any more)."""
-        with self._lock:
-            self._values.pop(name, None)
-
-    def get(self, name: str, **labels: str) -> float | None:
-        with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())))
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # "now": tick.py clears and re-sets these each tick, so a status, provider or queue that is gone
+        # leaves no series behind.
+        self.instances = Gauge(
+            "gpuq_manager_instances",
+            "instances by provider and status (not yet ended)",
+            ["provider", "status"],
+            registry=r,
+        )
+        self.dph = Gauge("gpuq_manager_dph", "$/h billing now, by provider", ["provider"], registry=r)
+        self.queue_queued = Gauge(
+            "gpuq_manager_queue_queued", "claimable jobs per queue", ["queue"], registry=r
+        )
+        self.queue_running = Gauge(
+            "gpuq_manager_queue_running", "running jobs per queue", ["queue"], registry=r
+        )
+        self.queue_oldest_wait = Gauge(
+            "gpuq_manager_queue_oldest_wait_seconds",
+            "wait of the oldest claimable job per queue",
+            ["queue"],
+            registry=r,
+        )
+        self.spend_today = Gauge(
+            "gpuq_manager_spend_today_usd", "$ billed since the start of the budget day", registry=r
+        )
+        self.daily_budget = Gauge("gpuq_manager_daily_budget_usd", "the daily budget", registry=r)
+        self.max_total_dph = Gauge("gpuq_manager_max_total_dph", "the $/h cap", registry=r)
+        self.unverified_destroys = Gauge(
+            "gpuq_manager_unverified_destroys", "instances still listed after destroy, last tick", registry=r
+        )
+        self.tick_duration = Gauge(
+            "gpuq_manager_tick_duration_seconds", "duration of the last tick", registry=r
+        )
+        self.last_tick = Gauge(
+            "gpuq_manager_last_tick_timestamp_seconds", "when the last tick ended (unix time)", registry=r
+        )
+        self.actions = Counter("gpuq_manager_actions_total", "actions decided, by kind", ["kind"], registry=r)
+        self.orphans_destroyed = Counter(
+            "gpuq_manager_orphans_destroyed_total",
+            "instances billing that the database did not own",
+            registry=r,
+        )
+        self.lost = Counter("gpuq_manager_lost_total", "instances the provider stopped showing", registry=r)
+        self.provider_errors = Counter(
+            "gpuq_manager_provider_errors_total",
+            "failed provider calls, by provider",
+            ["provider"],
+            registry=r,
+        )
+        self.ticks = Counter("gpuq_manager_ticks_total", "ticks run", registry=r)
 
     def render(self) -> str:
-        lines = []
-        with self._lock:
-            for name in sorted(self._values):
-                kind, text = HELP.get(name, ("gauge", name))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                for labels, value in sorted(self._values[name].items()):
-                    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{inner}}} {value:g}" if inner else f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()
 
     def write(self, path: Path) -> None:
-        """Atomically, so a collector never reads half a file."""
+        """Atomically (the library writes a temporary file and renames it), so a collector never reads
+        half a file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.render())
-        tmp.replace(path)
+        write_to_textfile(str(path), self.registry)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = metrics.render().encode()
-                self.send_response(200 if self.path.startswith("/metrics") else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server
-
-
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -74,9 +75,9 @@ def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> T
     finally:
         if not dry_run:
             m.client.call("select pg_advisory_unlock(%s)", (TICK_LOCK,))
-    m.metrics.inc("gpuq_manager_ticks_total")
-    m.metrics.set("gpuq_manager_tick_duration_seconds", time.monotonic() - started)
-    m.metrics.set("gpuq_manager_last_tick_timestamp_seconds", time.time())
+    m.metrics.ticks.inc()
+    m.metrics.tick_duration.set(time.monotonic() - started)
+    m.metrics.last_tick.set(time.time())
     if m.settings.metrics_file is not None and not dry_run:
         m.metrics.write(m.settings.metrics_file)
     return result
@@ -90,7 +91,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
     rec = reconcile(m.client, m.providers, s.label_prefix, dry_run=dry_run)
     result.reconcile = rec
     for err in rec.errors:
-        m.metrics.inc("gpuq_manager_provider_errors_total", provider=err.split(":", 1)[0])
+        m.metrics.provider_errors.labels(err.split(":", 1)[0]).inc()
     if dry_run:
         for line in rec.lines:
             _say(m, result, prefix + line, echo=True)
@@ -106,7 +107,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
     by_id = {str(i.id): i for i in snap.instances}
     for action in actions:
         kind = type(action).__name__.lower()
-        m.metrics.inc("gpuq_manager_actions_total", kind=kind)
+        m.metrics.actions.labels(kind).inc()
         if dry_run:
             _say(m, result, prefix + _reason(action), echo=True)
             continue
@@ -114,7 +115,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
             _act(m, action, by_id, result)
         except ProviderError as e:
             provider = action.offer.provider if isinstance(action, Rent) else "?"
-            m.metrics.inc("gpuq_manager_provider_errors_total", provider=provider)
+            m.metrics.provider_errors.labels(provider).inc()
             result.errors.append(f"{_reason(action)}: {e}")
             log.warning("%s failed: %s", _reason(action), e)
     if not actions:
@@ -138,7 +139,7 @@ def _offers(m: Manager, snap: Snapshot, now: datetime, result: TickResult) -> li
         try:
             found = m.providers[provider_name].search_offers(policy.offer_filter)
         except ProviderError as e:
-            m.metrics.inc("gpuq_manager_provider_errors_total", provider=provider_name)
+            m.metrics.provider_errors.labels(provider_name).inc()
             result.errors.append(f"search for {name}: {e}")
             log.warning("%s: offer search for queue %s failed: %s", provider_name, name, e)
             continue
@@ -224,26 +225,27 @@ def _say(m: Manager, result: TickResult, line: str, *, echo: bool = False) -> No
 
 def _record_metrics(m: Manager, snap: Snapshot, rec: ReconcileReport) -> None:
     mt = m.metrics
-    mt.clear("gpuq_manager_instances")
-    mt.clear("gpuq_manager_dph")
-    for provider in m.providers:
-        mt.set("gpuq_manager_dph", 0.0, provider=provider)
+    instances: Counter[tuple[str, str]] = Counter()
+    dph = dict.fromkeys(m.providers, 0.0)  # an enabled provider with nothing billing reads 0, not absent
     # the fleet after this tick's actions, not the snapshot it decided on
     for inst in managed_instances(m.client, m.settings.label_prefix):
-        key = {"provider": inst.provider, "status": inst.status.value}
-        mt.set("gpuq_manager_instances", (mt.get("gpuq_manager_instances", **key) or 0) + 1, **key)
-        mt.set(
-            "gpuq_manager_dph",
-            (mt.get("gpuq_manager_dph", provider=inst.provider) or 0) + inst.dph,
-            provider=inst.provider,
-        )
-    mt.set("gpuq_manager_spend_today_usd", snap.spend.today)
-    mt.set("gpuq_manager_daily_budget_usd", m.settings.policy.daily_budget)
-    mt.set("gpuq_manager_max_total_dph", m.settings.policy.max_total_dph)
+        instances[(inst.provider, inst.status.value)] += 1
+        dph[inst.provider] = dph.get(inst.provider, 0.0) + inst.dph
+    # These describe now: a status, provider or queue seen last tick and gone since must not keep its
+    # old value. Counted above first, so a scrape between clear and set finds them empty only briefly.
+    for gauge in (mt.instances, mt.dph, mt.queue_queued, mt.queue_running, mt.queue_oldest_wait):
+        gauge.clear()
+    for (provider, status), n in instances.items():
+        mt.instances.labels(provider, status).set(n)
+    for provider, total in dph.items():
+        mt.dph.labels(provider).set(total)
     for q in snap.queues:
-        mt.set("gpuq_manager_queue_queued", q.queued, queue=q.name)
-        mt.set("gpuq_manager_queue_running", q.running, queue=q.name)
-        mt.set("gpuq_manager_queue_oldest_wait_seconds", q.oldest_wait_s, queue=q.name)
-    mt.inc("gpuq_manager_orphans_destroyed_total", len(rec.orphans_destroyed))
-    mt.inc("gpuq_manager_lost_total", len(rec.lost))
-    mt.set("gpuq_manager_unverified_destroys", len(rec.unverified))
+        mt.queue_queued.labels(q.name).set(q.queued)
+        mt.queue_running.labels(q.name).set(q.running)
+        mt.queue_oldest_wait.labels(q.name).set(q.oldest_wait_s)
+    mt.spend_today.set(snap.spend.today)
+    mt.daily_budget.set(m.settings.policy.daily_budget)
+    mt.max_total_dph.set(m.settings.policy.max_total_dph)
+    mt.orphans_destroyed.inc(len(rec.orphans_destroyed))
+    mt.lost.inc(len(rec.lost))
+    mt.unverified_destroys.set(len(rec.unverified))

@@ -5,10 +5,13 @@ After every scenario: no orphan of ours survives a tick, and what bills never pa
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpuq.client import Client
 from manager.config import ManagerSettings, from_dict
@@ -309,14 +312,100 @@ def test_a_destroy_recorded_after_the_worker_deregistered_bills_until_the_destro
     assert float(spend["cost_usd"]) == pytest.approx(3.6 / 6, abs=0.01)
 
 
-def test_metrics_describe_the_fleet(db: Client, vast: VastProvider, standin: VastStandin, env: None) -> None:
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Exposition text as {(sample name, sorted labels): value}, read by the library's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_describe_the_fleet(
+    db: Client,
+    vast: VastProvider,
+    standin: VastStandin,
+    env: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    textfile = tmp_path / "collector" / "gpuq.prom"  # a directory that does not exist yet
+    monkeypatch.setenv("GPUQ_METRICS_FILE", str(textfile))
     standin.add_offer()
     enqueue(db, 1)
     m = manager(db, vast)
+    before = time.time()
     tick(m)
-    text = m.metrics.render()
-    assert 'gpuq_manager_instances{provider="vast",status="requested"} 1' in text
-    assert 'gpuq_manager_queue_queued{queue="tryon"} 1' in text
-    assert 'gpuq_manager_actions_total{kind="rent"} 1' in text
-    assert "gpuq_manager_spend_today_usd" in text and "# TYPE gpuq_manager_ticks_total counter" in text
-    _ = timedelta  # keep the import list honest for readers adding time-based cases
+    after = time.time()
+
+    # the textfile, /metrics and render() say the same
+    text = textfile.read_text()
+    assert m.metrics.render() == text
+    server = m.metrics.serve(0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics") as r:
+            assert r.read().decode() == text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["gpuq_manager_ticks"] == "counter" and types["gpuq_manager_actions"] == "counter"
+    assert types["gpuq_manager_instances"] == "gauge" and types["gpuq_manager_dph"] == "gauge"
+    got = parse(text)
+    (inst,) = rows(db, "select provider, status, dph from gpuq.instances")
+    assert (inst["provider"], inst["status"]) == ("vast", "requested")
+    assert got[("gpuq_manager_instances", (("provider", "vast"), ("status", "requested")))] == 1
+    assert got[("gpuq_manager_dph", (("provider", "vast"),))] == pytest.approx(float(inst["dph"]))
+    assert got[("gpuq_manager_queue_queued", (("queue", "tryon"),))] == 1
+    assert got[("gpuq_manager_queue_running", (("queue", "tryon"),))] == 0
+    assert 0 <= got[("gpuq_manager_queue_oldest_wait_seconds", (("queue", "tryon"),))] < after - before + 5
+    assert got[("gpuq_manager_actions_total", (("kind", "rent"),))] == 1
+    assert got[("gpuq_manager_ticks_total", ())] == 1
+    assert got[("gpuq_manager_orphans_destroyed_total", ())] == 0
+    assert got[("gpuq_manager_lost_total", ())] == 0
+    assert got[("gpuq_manager_unverified_destroys", ())] == 0
+    assert got[("gpuq_manager_daily_budget_usd", ())] == 50
+    assert got[("gpuq_manager_max_total_dph", ())] == 5
+    spent = float(db.call("select gpuq.spend_today('UTC') as usd")[0]["usd"])
+    assert 0 <= got[("gpuq_manager_spend_today_usd", ())] <= spent
+    assert before <= got[("gpuq_manager_last_tick_timestamp_seconds", ())] <= after
+    assert 0 < got[("gpuq_manager_tick_duration_seconds", ())] <= after - before
+    assert not [k for k in got if k[0] == "gpuq_manager_provider_errors_total"]
+
+    tick(m)  # counters go on counting
+    got = parse(textfile.read_text())
+    assert got[("gpuq_manager_ticks_total", ())] == 2
+    assert got[("gpuq_manager_actions_total", (("kind", "rent"),))] == 1
+
+
+def test_metrics_forget_a_status_and_a_queue_that_are_gone(
+    db: Client, vast: VastProvider, standin: VastStandin, env: None
+) -> None:
+    standin.add_offer()
+    enqueue(db, 1)
+    (other,) = enqueue(db, 1, queue="other")  # a queue no policy rents for: counted, never served
+    m = manager(db, vast)
+    tick(m)
+    got = parse(m.metrics.render())
+    assert got[("gpuq_manager_instances", (("provider", "vast"), ("status", "requested")))] == 1
+    assert got[("gpuq_manager_queue_queued", (("queue", "other"),))] == 1
+
+    # The stand-in now lists the instance (booting), and the other queue's only job is cancelled and
+    # older than gpuq.manager_queues() looks back, so that queue is no longer in the snapshot.
+    db.cancel(other)
+    db.conn.execute("update gpuq.jobs set created_at = now() - interval '2 hours' where queue = 'other'")
+    tick(m)
+    got = parse(m.metrics.render())
+    assert [r["status"] for r in rows(db, "select status from gpuq.instances")] == ["booting"]
+    instances = {k[1]: v for k, v in got.items() if k[0] == "gpuq_manager_instances"}
+    assert instances == {(("provider", "vast"), ("status", "booting")): 1}
+    queues = {(k[0], k[1]) for k in got if k[0].startswith("gpuq_manager_queue_")}
+    assert queues == {
+        (name, (("queue", "tryon"),))
+        for name in (
+            "gpuq_manager_queue_queued",
+            "gpuq_manager_queue_running",
+            "gpuq_manager_queue_oldest_wait_seconds",
+        )
+    }
