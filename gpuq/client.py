@@ -190,8 +190,25 @@ class Listener:
                 self._conn = None
 
 
+def _storable(value: Any) -> Any:
+    """`value` with U+0000 replaced by U+FFFD in every string in it, dict keys and nested ones included.
+
+    Postgres text cannot hold U+0000 and jsonb refuses the \\u0000 escape, so a report carrying one (an
+    error message read from a binary file, a ComfyUI traceback) would be refused whole, and its job would
+    stay running until the lease passed and end without saying why.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
 def _json(value: dict[str, Any] | None) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
+    """A worker's report as jsonb, made storable (`_storable`)."""
+    return None if value is None else Jsonb(_storable(value))
 
 
 class Client:
@@ -246,7 +263,7 @@ class Client:
             "%s::integer, %s::text) as id",
             (
                 queue,
-                _json(payload or {}),
+                Jsonb(payload or {}),  # the app's own input: refused, as by a plain INSERT, never altered
                 priority,
                 run_after,
                 max_attempts,
@@ -396,7 +413,9 @@ class Client:
         )
 
     def progress(self, job_id: int, attempt: int, percent: int, message: str | None = None) -> None:
-        self.call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
+        self.call(
+            "select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, _storable(message))
+        )
 
     def complete(self, job_id: int, attempt: int, result: dict[str, Any] | None = None) -> None:
         """Mark the attempt succeeded. Raises NotHeld if the lease passed and another took the job."""
@@ -404,7 +423,7 @@ class Client:
 
     def complete_many(self, done: Sequence[tuple[int, int, dict[str, Any] | None]]) -> list[int]:
         """Complete several attempts in one transaction; answers the job ids no longer held."""
-        results = [None if r is None else json.dumps(r) for _, _, r in done]
+        results = [None if r is None else json.dumps(_storable(r)) for _, _, r in done]
         rows = self.call(
             # only the ones not completed come back: normally none
             "select job_id from gpuq.complete_jobs(%s, %s, %s::jsonb[]) where not completed",
@@ -429,7 +448,7 @@ class Client:
         """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
         rows = self.call(
             "select gpuq.fail_job(%s, %s, %s, %s, %s, %s) as s",
-            (job_id, attempt, str(error_code), message, retryable, _json(details)),
+            (job_id, attempt, str(error_code), _storable(message), retryable, _json(details)),
         )
         return str(rows[0]["s"])
 

@@ -104,6 +104,36 @@ def test_non_retryable_failure_fails_at_once(client: Client, instance: int) -> N
     assert (job.status, job.error_code, job.error_message) == ("failed", "INPUT_INVALID", "text is empty")
 
 
+def test_reports_with_a_nul_land_with_a_replacement_character(client: Client, instance: int) -> None:
+    """Postgres text cannot hold U+0000 nor jsonb the \\u0000 escape. A worker's report carrying one (an
+    error read from a binary file, a ComfyUI traceback) must still land, or its job stays running."""
+    failing = client.enqueue("q", {}, max_attempts=1)
+    done, done_too = client.enqueue("q", {}), client.enqueue("q", {})
+    client.claim(instance, ["q"], 3)
+
+    client.progress(done, 1, 50, "step\x00two")
+    assert client.get(done).progress_message == "step\ufffdtwo"
+    client.heartbeat(instance, [(done, 1)], {"gpu_name": "RTX\x00", "temps": [40, "hot\x00"]})
+    metrics = client.conn.execute("select metrics from gpuq.instances where id = %s", (instance,)).fetchone()
+    assert metrics == {"metrics": {"gpu_name": "RTX\ufffd", "temps": [40, "hot\ufffd"]}}
+
+    details = {"traceback": ["line 1", "ValueError: \x00\x00"], "node\x00": {"id": "7\x00"}}
+    assert client.fail(failing, 1, "BACKEND_ERROR", "bad byte \x00 in input", details=details) == "failed"
+    job = client.get(failing)
+    assert (job.status, job.error_message) == ("failed", "bad byte \ufffd in input")
+    [event] = client.history(failing)
+    assert event["message"] == "bad byte \ufffd in input"
+    assert event["details"] == {
+        "traceback": ["line 1", "ValueError: \ufffd\ufffd"],
+        "node\ufffd": {"id": "7\ufffd"},
+    }
+
+    client.complete(done, 1, {"outputs": [{"name": "a\x00.png"}], "note\x00": "b\x00"})
+    assert client.get(done).result == {"outputs": [{"name": "a\ufffd.png"}], "note\ufffd": "b\ufffd"}
+    assert client.complete_many([(done_too, 1, {"metrics": {"log": "x\x00"}})]) == []
+    assert client.get(done_too).result == {"metrics": {"log": "x\ufffd"}}
+
+
 def test_unknown_error_code_is_refused_and_changes_nothing(client: Client, instance: int) -> None:
     job_id = client.enqueue("q", {})
     client.claim(instance, ["q"], 1)

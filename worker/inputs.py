@@ -125,6 +125,8 @@ def fetch_input(
         if _CONTROL.search(ref):
             raise ValueError("control characters in it")
         parts = urlsplit(ref)  # ValueError: "http://[::1/a"
+        if parts.scheme.lower() in ("http", "https"):
+            _check_host(parts.hostname)
     except ValueError as e:
         raise JobError(ErrorCode.INPUT_INVALID, f"malformed input {ref[:200]!r}: {e}") from None
     scheme = parts.scheme.lower()
@@ -153,6 +155,23 @@ def fetch_input(
                 raise JobError(ErrorCode.INPUT_INVALID, f"cannot read {scheme}:// inputs: {e}") from e
         return found.get(ref, dest, max_bytes)
     raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
+
+
+def _check_host(host: str | None) -> None:
+    """Raise ValueError for a host name no resolver can look up, which a retry would only meet again.
+
+    Python's IDNA codec, which urllib3 applies before connecting, refuses an empty label or one over 63
+    characters; DNS refuses a name over 253. Non-ASCII names requests encodes itself (IDNA 2008) and
+    refuses as InvalidURL, so only ASCII ones are checked here.
+    """
+    if not host or not host.isascii():
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"host {host[:80]!r} has an empty label or one over 63 characters") from None
+    if len(host.rstrip(".")) > 253:
+        raise ValueError(f"host name of {len(host)} characters, over 253")
 
 
 def _check_bucket(ref: str, bucket: str, input_buckets: Collection[str]) -> None:
@@ -349,9 +368,12 @@ def _get(
         r.close()
         try:
             url = urljoin(url, r.headers["Location"])
-            scheme = urlsplit(url).scheme.lower()
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
             if _CONTROL.search(url):
                 raise ValueError("control characters in it")
+            if scheme in ("http", "https"):
+                _check_host(parts.hostname)
         except ValueError as e:
             raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
         if scheme not in ("http", "https"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gpuq.client import Client
-from manager.providers.base import LaunchSpec, OfferFilter
+from manager.providers.base import LaunchSpec, Offer, OfferFilter
 from manager.providers.vast import VastProvider
 from manager.reconcile import reconcile
 from manager.tick import tick
@@ -39,6 +39,11 @@ def rent_by_tick(db: Client, vast: VastProvider, standin: VastStandin, jobs: int
     return iid, pid
 
 
+def rent_behind_our_back(vast: VastProvider, offer: Offer, label: str = PREFIX + "tryon") -> str:
+    """An interruptible rent at the provider, bid as the manager bids, that the database knows nothing of."""
+    return vast.create(offer, LaunchSpec(label, "img", 50, "true", bid_price=offer.bid))
+
+
 def status_of(db: Client, iid: int) -> dict:
     (row,) = rows(db, "select * from gpuq.instances where id = %s", iid)
     return row
@@ -51,11 +56,9 @@ def test_orphans_are_destroyed_and_booked_and_others_instances_left_alone(
     for _ in range(3):
         standin.add_offer()
     offers = vast.search_offers(OfferFilter())
-    ours = vast.create(offers[0], LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offers[0].dph))
-    theirs = vast.create(offers[1], LaunchSpec("someone-else", "img", 50, "true", bid_price=offers[1].dph))
-    other_deployment = vast.create(
-        offers[2], LaunchSpec("gpuq:prod:tryon", "img", 50, "true", bid_price=offers[2].dph)
-    )
+    ours = rent_behind_our_back(vast, offers[0])
+    theirs = rent_behind_our_back(vast, offers[1], "someone-else")
+    other_deployment = rent_behind_our_back(vast, offers[2], "gpuq:prod:tryon")
 
     report = reconcile(db, {"vast": vast}, PREFIX)
 
@@ -73,8 +76,7 @@ def test_a_destroy_that_answers_success_but_keeps_billing_is_verified_and_retrie
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
     standin.add_offer()
-    offer = vast.search_offers(OfferFilter())[0]
-    orphan = vast.create(offer, LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offer.dph))
+    orphan = rent_behind_our_back(vast, vast.search_offers(OfferFilter())[0])
     standin.ghost_destroys = 2
 
     report = reconcile(db, {"vast": vast}, PREFIX)
@@ -89,8 +91,7 @@ def test_a_destroy_that_never_takes_stays_on_the_books_as_billing(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
     standin.add_offer()
-    offer = vast.search_offers(OfferFilter())[0]
-    orphan = vast.create(offer, LaunchSpec(PREFIX + "tryon", "img", 50, "true", bid_price=offer.dph))
+    orphan = rent_behind_our_back(vast, vast.search_offers(OfferFilter())[0])
     standin.ghost_destroys = 100
 
     report = reconcile(db, {"vast": vast}, PREFIX)

@@ -469,6 +469,10 @@ def test_http_checks_the_address_connected_to_not_only_the_first_lookup(
         ("ftp://example.com/x.png", "refusing a redirect to a ftp: URL"),
         ("http://[::1/x.png", "malformed redirect: Invalid IPv6 URL"),
         ("/moved/a\x00.png", "malformed redirect: control characters in it"),
+        (
+            f"http://{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 63}.com/x.png",
+            "malformed redirect: host name of 259 characters, over 253",
+        ),
     ],
 )
 def test_http_refuses_a_redirect_off_http(http_url: str, location: str, why: str, tmp_path: Path) -> None:
@@ -692,6 +696,11 @@ def test_local_inputs_refuse_a_fifo_without_blocking(tmp_path: Path) -> None:
         ("http://[zz]/a.png", "does not appear to be an IPv4 or IPv6 address"),
         ("s3://[::1/a.png", "Invalid IPv6 URL"),
         ("http://127.0.0.1/a\nb.png", "control characters"),  # urlsplit would drop the newline
+        # host names no resolver can look up: a bad label used to be reported as a "malformed redirect"
+        # (urllib3's parse error), a name over 253 as INPUT_FETCH_FAILED, retried to the same end
+        (f"https://{'a' * 64}.example.com/a.png", "has an empty label or one over 63 characters"),
+        (f"http://{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 63}.com/a.png", "host name of 259 characters"),
+        ("http://a..example.com/a.png", "has an empty label"),
     ],
 )
 def test_malformed_refs_are_input_invalid(ref: str, why: str, tmp_path: Path) -> None:

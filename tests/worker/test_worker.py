@@ -530,6 +530,24 @@ def test_an_unexpected_backend_exception_is_worker_error_with_the_traceback_in_h
     assert "Traceback" not in json.dumps(client.get(job_id).result)
 
 
+def test_a_backend_error_with_a_nul_in_its_text_still_ends_the_job_with_its_message(
+    client: Client, start_worker: Callable[..., WorkerProc], tmp_path: Path
+) -> None:
+    """Postgres text cannot hold U+0000: unless the report is made storable, fail_job is refused and the job
+    stays running until its lease passes."""
+    from tests.standins.comfyui import Faults
+
+    src = make_png(tmp_path / "in.png")
+    faults = Faults(error_in="ImageInvert", error_message="read a NUL (\x00) from the model file")
+    with ComfyUIStandIn(tmp_path / "comfy", port=free_port(), faults=faults) as comfy:
+        start_worker("images=comfyui", COMFYUI_URL=comfy.url)
+        job_id = client.enqueue("images", {"workflow": "image_invert", "image": str(src)}, max_attempts=1)
+        job = wait_status(client, job_id, "failed")
+    said = "ImageInvert (node 2) raised RuntimeError: read a NUL (\ufffd) from the model file"
+    assert (job.error_code, job.error_message) == ("BACKEND_ERROR", said)
+    assert events(client, job_id) == ["failed"]
+
+
 def test_a_retryable_error_is_retried(
     client: Client, start_worker: Callable[..., WorkerProc], tmp_path: Path
 ) -> None:
