@@ -235,7 +235,14 @@ class Client:
 
     def call(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         """Run one statement, normally `select … from gpuq.some_function(…)`, as its own transaction;
-        gpuq's refusals become GpuqError. The named methods below are the common calls."""
+        gpuq's refusals become GpuqError. The named methods below are the common calls.
+
+        Text parameters are made storable (`_storable`): much of what is stored comes from elsewhere (a
+        provider's status message, a backend's error), and one NUL would fail the whole call."""
+        if isinstance(params, dict):
+            params = {k: _storable(v) if isinstance(v, str) else v for k, v in params.items()}
+        else:
+            params = [_storable(v) if isinstance(v, str) else v for v in params]
         with sql_errors():
             cur = self.conn.execute(sql, params)
             return cur.fetchall() if cur.description else []

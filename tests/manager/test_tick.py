@@ -177,6 +177,29 @@ def test_a_failed_create_that_still_left_an_instance_is_destroyed_even_when_dest
 
 
 @pytest.mark.usefixtures("env")
+def test_a_provider_message_with_a_nul_does_not_stop_the_tick_destroying(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Provider text goes into the database (the reason an instance ended); Postgres text cannot hold
+    # U+0000, and a tick that failed on it would leave the dead instance billing, tick after tick.
+    standin.add_offer()
+    enqueue(db, 1)
+    m = manager(db, vast)
+    assert tick(m).rented
+    (iid,) = standin.rentals
+    standin.set_status(iid, "exited", "OCI runtime create failed: \x00\x00 in /dev/nvidia0")
+    result = tick(m)
+    assert not result.errors
+    assert our_live(standin) == {}
+    (row,) = rows(db, "select status, end_reason from gpuq.instances")
+    assert (
+        row["status"] == "failed"
+        and "OCI runtime create failed: \ufffd\ufffd in /dev/nvidia0" in row["end_reason"]
+    )
+    assert_books_match(db, standin)
+
+
+@pytest.mark.usefixtures("env")
 def test_dry_run_touches_neither_the_provider_nor_the_database(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
