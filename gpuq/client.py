@@ -55,6 +55,7 @@ _BY_SQLSTATE: dict[str, type[GpuqError]] = {
     "23502": InvalidRequest,  # not_null_violation
     "23505": InvalidRequest,  # unique_violation: e.g. a live job with that idempotency key
     "22P02": InvalidRequest,  # invalid_text_representation: e.g. malformed JSON
+    "22P05": InvalidRequest,  # untranslatable_character: a NUL (\u0000) in a payload
     "22003": InvalidRequest,  # numeric_value_out_of_range
 }
 

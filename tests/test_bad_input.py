@@ -111,6 +111,8 @@ def test_bare_insert_with_defaults_is_a_valid_job(client: Client) -> None:
         ({"queue": "q", "max_attempts": 0}, "max_attempts_must_be_between_1_and_100"),
         ({"queue": "q", "timeout_seconds": 0}, "timeout_seconds_must_be_between_1_and_604800"),
         ({"queue": "q", "idempotency_key": ""}, "idempotency_key_must_be_1_to_200_characters"),
+        ({"queue": "q\x00"}, "queue_must_be_a_lowercase_name"),
+        ({"queue": "q", "payload": {"prompt": "a\x00b"}}, "unsupported Unicode escape sequence"),
     ],
 )
 def test_enqueue_rejects_bad_arguments_clearly(client: Client, kwargs: dict[str, Any], message: str) -> None:
