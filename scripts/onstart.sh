@@ -115,7 +115,8 @@ if [[ "$BACKENDS" == *,comfyui,* ]]; then
     if curl -fsS http://127.0.0.1:8188/system_stats >/dev/null 2>&1; then break; fi
     sleep 5
   done
-  export COMFYUI_URL="${COMFYUI_URL:-http://127.0.0.1:8188}"
+  # the worker removes each job's files from ComfyUI's input/ and output/ (the base directory)
+  export COMFYUI_URL="${COMFYUI_URL:-http://127.0.0.1:8188}" COMFYUI_BASE_DIR="${COMFYUI_BASE_DIR:-$COMFY}"
 fi
 
 # shellcheck disable=SC2086  # GPUQ_WORKER_CMD is a command line

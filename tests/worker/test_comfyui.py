@@ -148,6 +148,23 @@ def test_same_input_twice_gives_each_job_its_own_files(
     assert len(folders) == 2 and folders[0].startswith("gpuq-1-1-") and folders[1].startswith("gpuq-2-1-")
 
 
+def test_with_the_servers_base_dir_each_jobs_files_are_removed(
+    standin: ComfyUIStandIn, image: Path, tmp_path: Path
+) -> None:
+    # As on a rented machine: onstart starts ComfyUI and tells the worker its URL and base directory.
+    env = {"COMFYUI_URL": standin.url, "COMFYUI_BASE_DIR": str(standin.base_dir)}
+    backend = ComfyUIBackend.from_env(env, **FAST)
+    try:
+        for job_id in (1, 2):
+            job = Job(tmp_path, {"workflow": "image_invert", "image": str(image)}, job_id=job_id)
+            result = backend.run(job.ctx)
+            assert result.outputs[0].path.is_file()  # the worker's copy, in the job's workdir
+        assert list((standin.base_dir / "input").iterdir()) == []
+        assert not list((standin.base_dir / "output" / "gpuq").rglob("*"))
+    finally:
+        backend.close()
+
+
 def test_blur_fields_reach_the_graph(backend: ComfyUIBackend, tmp_path: Path) -> None:
     src = Image.new("RGB", (20, 20), (0, 0, 0))
     src.putpixel((10, 10), (255, 255, 255))

@@ -74,8 +74,12 @@ class ComfyUIBackend:
         unavailable_timeout: float = 60.0,
         cancel_grace: float = 15.0,
         progress_interval: float = 2.0,
+        base_dir: str | Path | None = None,
     ) -> None:
         """`url` of a running ComfyUI, or `comfy_dir` of one to start (then on 127.0.0.1:`port`).
+
+        base_dir: the running server's base directory (its input/ and output/), so that each job's
+        uploads and outputs are removed after it; with `comfy_dir` it is that directory.
 
         stall_timeout: socket silence after which /history is polled every `poll_interval` seconds.
         unavailable_timeout: how long the server may fail to answer mid-job before the job fails.
@@ -84,6 +88,7 @@ class ComfyUIBackend:
         if (url is None) == (comfy_dir is None):
             raise ValueError("give exactly one of url (a running ComfyUI) and comfy_dir (one to start)")
         self.comfy_dir = Path(comfy_dir) if comfy_dir is not None else None
+        self.base_dir = self.comfy_dir or (Path(base_dir) if base_dir else None)
         self.url = (url or f"http://127.0.0.1:{port}").rstrip("/")
         self.workflows_dir = Path(workflows_dir)
         self.port = port
@@ -103,8 +108,9 @@ class ComfyUIBackend:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ComfyUIBackend:
-        """COMFYUI_URL, or COMFYUI_DIR with COMFYUI_PORT (8188), COMFYUI_PYTHON and COMFYUI_ARGS
-        (extra flags, e.g. "--cpu"); COMFYUI_READY_TIMEOUT in seconds (600)."""
+        """COMFYUI_URL (with COMFYUI_BASE_DIR, its base directory, to clean up after each job), or
+        COMFYUI_DIR with COMFYUI_PORT (8188), COMFYUI_PYTHON and COMFYUI_ARGS (extra flags, e.g. "--cpu");
+        COMFYUI_READY_TIMEOUT in seconds (600)."""
         kwargs: dict[str, Any] = {"ready_timeout": float(env.get("COMFYUI_READY_TIMEOUT", "600"))}
         if env.get("COMFYUI_DIR"):
             kwargs |= {
@@ -115,6 +121,7 @@ class ComfyUIBackend:
             }
         elif env.get("COMFYUI_URL"):
             kwargs["url"] = env["COMFYUI_URL"]
+            kwargs["base_dir"] = env.get("COMFYUI_BASE_DIR") or None
         else:
             raise ValueError("set COMFYUI_URL (a running ComfyUI) or COMFYUI_DIR (one to start)")
         return cls(**(kwargs | overrides))
@@ -574,11 +581,12 @@ class ComfyUIBackend:
         return metrics
 
     def _clean_files(self, tag: str) -> None:
-        """Remove the job's uploads and outputs from a ComfyUI of ours (default directories only)."""
-        if self.comfy_dir is None:
+        """Remove the job's uploads and outputs (ComfyUI has no API for it), where its disk is known:
+        left there, every job's images would fill a rented machine's disk."""
+        if self.base_dir is None:
             return
-        shutil.rmtree(self.comfy_dir / "output" / "gpuq" / tag, ignore_errors=True)
-        for path in (self.comfy_dir / "input").glob(f"{tag}-*"):
+        shutil.rmtree(self.base_dir / "output" / "gpuq" / tag, ignore_errors=True)
+        for path in (self.base_dir / "input").glob(f"{tag}-*"):
             with contextlib.suppress(OSError):
                 path.unlink()
 
