@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFile, ImageFilter, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 log = logging.getLogger("comfyui-standin")
@@ -178,6 +178,26 @@ def _err(kind: str, message: str, details: str, extra: dict[str, Any] | None = N
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _full_type_name(klass: type) -> str:
+    """As ComfyUI's execution.full_type_name: "PIL.UnidentifiedImageError", "ValueError"."""
+    if klass.__module__ == "builtins":
+        return klass.__qualname__
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def _pillow(fn: Any, arg: Any) -> Any:
+    """As ComfyUI's node_helpers.pillow: on a Pillow error, once more with truncated images allowed."""
+    try:
+        return fn(arg)
+    except (OSError, ValueError):  # UnidentifiedImageError is an OSError
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return fn(arg)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 class ComfyUIStandIn:
@@ -568,7 +588,7 @@ class ComfyUIStandIn:
                         "Exception when validating node",
                         str(exc),
                         {
-                            "exception_type": type(exc).__qualname__,
+                            "exception_type": _full_type_name(type(exc)),
                             "traceback": traceback.format_tb(exc.__traceback__),
                         },
                     )
@@ -858,7 +878,7 @@ class ComfyUIStandIn:
                     success = False
                     break
                 except Exception as exc:
-                    exception_type = getattr(exc, "comfy_type", None) or type(exc).__qualname__
+                    exception_type = getattr(exc, "comfy_type", None) or _full_type_name(type(exc))
                     tips = OOM_TIPS if exception_type.endswith("OutOfMemoryError") else ""
                     add_message(
                         "execution_error",
@@ -952,8 +972,9 @@ class ComfyUIStandIn:
         images: list[Image.Image] = args.get("image") or args.get("images") or []
         ui = None
         if class_type == "LoadImage":
-            img = Image.open(self.dirs["input"] / args["image"])  # a bad file raises here, as in ComfyUI
-            outputs: tuple[Any, ...] = ([ImageOps.exif_transpose(img).convert("RGB")], None)
+            img = _pillow(Image.open, self.dirs["input"] / args["image"])  # a bad file raises, as in ComfyUI
+            img = _pillow(ImageOps.exif_transpose, img)  # reads the pixels: a truncated file loads
+            outputs: tuple[Any, ...] = ([img.convert("RGB")], None)
         elif class_type == "ImageInvert":
             outputs = ([i.point(INVERT_LUT * len(i.getbands())) for i in images],)
         elif class_type == "ImageBlur":

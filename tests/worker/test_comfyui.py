@@ -165,6 +165,41 @@ def test_with_the_servers_base_dir_each_jobs_files_are_removed(
         backend.close()
 
 
+def test_a_truncated_jpeg_loads_as_in_comfyui(backend: ComfyUIBackend, tmp_path: Path) -> None:
+    # ComfyUI loads a truncated image (node_helpers.pillow retries with LOAD_TRUNCATED_IMAGES), and so
+    # does the worker's check before upload: the job succeeds.
+    full = tmp_path / "full.jpg"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(full, quality=90)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(OSError, match="truncated"):
+        Image.open(cut).load()
+    result = backend.run(Job(tmp_path, {"workflow": "image_invert", "image": str(cut)}, job_id=7).ctx)
+    with Image.open(result.outputs[0].path) as img:
+        assert img.size == (64, 64)
+
+
+def test_standin_names_exception_types_as_comfyui_does(standin: ComfyUIStandIn) -> None:
+    # Recorded from ComfyUI 0.3.64: LoadImage on a file that is not an image fails the prompt with
+    # exception_type "PIL.UnidentifiedImageError" (execution.full_type_name), which the backend reads.
+    up = requests.post(
+        standin.url + "/upload/image", files={"image": ("notes.png", b"not an image", "image/png")}, timeout=5
+    )
+    name = up.json()["name"]
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}},
+    }
+    prompt_id = requests.post(standin.url + "/prompt", json={"prompt": graph}, timeout=5).json()["prompt_id"]
+    deadline = time.monotonic() + 10
+    while not (entry := requests.get(f"{standin.url}/history/{prompt_id}", timeout=5).json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    messages = dict(entry[prompt_id]["status"]["messages"])
+    assert messages["execution_error"]["exception_type"] == "PIL.UnidentifiedImageError"
+
+
 def test_blur_fields_reach_the_graph(backend: ComfyUIBackend, tmp_path: Path) -> None:
     src = Image.new("RGB", (20, 20), (0, 0, 0))
     src.putpixel((10, 10), (255, 255, 255))
