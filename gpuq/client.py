@@ -472,10 +472,20 @@ class Client:
     def deregister_instance(self, instance_id: int, reason: str = "worker exited") -> int:
         return int(self.call("select gpuq.deregister_instance(%s, %s) as n", (instance_id, reason))[0]["n"])
 
+    def manager_silence_seconds(self) -> float | None:
+        """Seconds since a manager last ticked here (None: never): a rented worker's orphan check."""
+        value = self.call("select gpuq.manager_silence_seconds() as s")[0]["s"]
+        return None if value is None else float(value)
+
     # --- operators --------------------------------------------------------------------------------
 
     def reap_expired(self) -> int:
         return int(self.call("select gpuq.reap_expired() as n")[0]["n"])
+
+    def record_tick(self) -> None:
+        """A manager tick that reconciled every provider: the fleet is looked after (see
+        manager_silence_seconds)."""
+        self.call("select gpuq.record_tick()")
 
     def prune(self, older_than_seconds: float, batch: int = 10000) -> int:
         """Delete finished jobs older than that, in batches; answers how many went."""

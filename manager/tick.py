@@ -72,6 +72,9 @@ def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> T
     started = time.monotonic()
     try:
         _tick(m, result, dry_run, now)
+        if not dry_run and not result.reconcile.errors:
+            # every provider listed and repaired: rented workers may count on being looked after
+            m.client.record_tick()
     finally:
         if not dry_run:
             m.client.call("select pg_advisory_unlock(%s)", (TICK_LOCK,))

@@ -93,6 +93,8 @@ def supabase_like_db() -> Iterator[str]:
         "select * from gpuq.manager_instances()",
         "select * from gpuq.spend_by_day('UTC')",
         "select * from gpuq.avoided_machines",
+        "select * from gpuq.manager_ticks",
+        "select gpuq.manager_silence_seconds()",
     ],
 )
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -104,7 +106,10 @@ def test_supabase_api_roles_reach_nothing(supabase_like_db: str, role: str, sql:
 def test_worker_role_runs_worker_functions_only(supabase_like_db: str) -> None:
     as_role(supabase_like_db, "gpuq_worker", "select * from gpuq.claim_jobs(1, '{q}', 1)")
     as_role(supabase_like_db, "gpuq_worker", "select * from gpuq.heartbeat(1)")
+    as_role(supabase_like_db, "gpuq_worker", "select gpuq.manager_silence_seconds()")
     for sql in (
+        "select gpuq.record_tick()",  # a worker must not make a dead manager look alive
+        "select * from gpuq.manager_ticks",
         "select * from gpuq.jobs",
         "select gpuq.enqueue('q', '{}')",
         "select gpuq.cancel_job(1)",
@@ -119,6 +124,7 @@ def test_manager_role_runs_manager_functions_only(supabase_like_db: str) -> None
     as_role(supabase_like_db, "gpuq_manager", "select * from gpuq.manager_instances()")
     as_role(supabase_like_db, "gpuq_manager", "select gpuq.reap_expired()")
     as_role(supabase_like_db, "gpuq_manager", "select * from gpuq.spend_by_day('UTC')")
+    as_role(supabase_like_db, "gpuq_manager", "select gpuq.record_tick()")
     for sql in (
         "select * from gpuq.jobs",
         "select * from gpuq.instances",
