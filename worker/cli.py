@@ -66,6 +66,12 @@ def summary(config: WorkerSettings, settings: Settings, db_url: str) -> str:
         + "; URLs "
         + ("on private networks too" if config.input_allow_private else "on public addresses only"),
         "            buckets " + (", ".join(config.input_buckets) or "refused"),
+        "  orphan    "
+        + (
+            f"ends the machine after {config.orphan_timeout_seconds:g}s with no job and no manager tick"
+            if config.orphan_timeout_seconds
+            else "off"
+        ),
         "  metrics   "
         + (f"http://{config.metrics_host}:{config.metrics_port}/metrics" if config.metrics_port else "off"),
     ]

@@ -50,6 +50,10 @@ class WorkerSettings:
     spot_metadata_url: str
     spot_poll_seconds: float
     work_dir: Path  # per-job scratch directories live under it
+    # A rented instance that sees no manager tick and has no job for this long (or cannot reach the
+    # database this long) runs self_terminate_cmd and exits: it bills for nobody. 0: never.
+    orphan_timeout_seconds: float = 0.0
+    self_terminate_cmd: str = ""
 
     @property
     def backends(self) -> list[str]:
@@ -118,6 +122,13 @@ class WorkerSettings:
                 raise ConfigError(f"{name} must be positive, got {value:g}")
         if grace < 0:
             raise ConfigError(f"GPUQ_DRAIN_GRACE_SECONDS must not be negative, got {grace:g}")
+        orphan_timeout = parse_float(env, "GPUQ_ORPHAN_TIMEOUT_SECONDS", 0.0)
+        terminate_cmd = (env.get("GPUQ_SELF_TERMINATE_CMD") or "").strip()
+        if orphan_timeout < 0:
+            raise ConfigError(f"GPUQ_ORPHAN_TIMEOUT_SECONDS must not be negative, got {orphan_timeout:g}")
+        if orphan_timeout and not terminate_cmd:
+            # exiting alone would leave the machine billing: it has to be told how to end itself
+            raise ConfigError("GPUQ_ORPHAN_TIMEOUT_SECONDS needs GPUQ_SELF_TERMINATE_CMD")
 
         storage_url = env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs")
         raw_dirs = env.get("GPUQ_INPUT_DIRS")
@@ -144,6 +155,8 @@ class WorkerSettings:
             spot_metadata_url=(env.get("GPUQ_SPOT_METADATA_URL") or "http://169.254.169.254").rstrip("/"),
             spot_poll_seconds=spot_poll,
             work_dir=settings.data_dir / "work",
+            orphan_timeout_seconds=orphan_timeout,
+            self_terminate_cmd=terminate_cmd,
         )
 
 

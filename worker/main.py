@@ -17,10 +17,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import queue
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 import traceback
@@ -134,6 +136,11 @@ class Worker:
         self._shutdown = False  # the heartbeat said the instance is gone: release at once
         self._hb_stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # The orphan check (config.orphan_timeout_seconds): when a job last started or ended, when the
+        # database last answered a heartbeat, and why this instance is ending itself, if it is.
+        self._last_active = time.monotonic()
+        self._db_ok_at = time.monotonic()
+        self._orphaned: str | None = None
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -239,6 +246,8 @@ class Worker:
                 except Exception as exc:
                     log.warning("closing backend %s: %s", b.name, exc)
             self.probe.close()
+            if self._orphaned:
+                self._self_terminate()
         return 0
 
     # -- claiming ---------------------------------------------------------------------------------
@@ -340,6 +349,7 @@ class Worker:
         with self._lock:
             self._running[job.id] = running
             self._busy[backend] += 1
+            self._last_active = time.monotonic()
             self.metrics.running.labels(backend).set(self._busy[backend])
         self.metrics.claimed.labels(job.queue).inc()
         self.metrics.phase.labels(job.queue, "claim").observe(claim_seconds)
@@ -368,6 +378,7 @@ class Worker:
                     with self._lock:
                         self._running.pop(running.job.id, None)
                         self._busy[backend] -= 1
+                        self._last_active = time.monotonic()
                         self.metrics.running.labels(backend).set(self._busy[backend])
                     self._wake.set()
         finally:
@@ -543,8 +554,17 @@ class Worker:
         except (psycopg.Error, GpuqError) as exc:
             self.metrics.heartbeats.labels("error").inc()
             log.error("heartbeat failed: %s", exc)
+            self._check_orphaned(None, idle=not held)
             return
         self.metrics.heartbeats.labels("ok").inc()
+        self._db_ok_at = time.monotonic()
+        if self.config.orphan_timeout_seconds:
+            try:
+                silence = db.call(lambda c: c.manager_silence_seconds())
+            except (psycopg.Error, GpuqError) as exc:
+                log.warning("could not read the manager's last tick: %s", exc)
+            else:
+                self._check_orphaned(math.inf if silence is None else silence, idle=not held)
         for job_id, attempt in reply.cancel:
             self._stop_job(job_id, attempt, CANCEL)
         for job_id, attempt in reply.timeout:
@@ -556,6 +576,44 @@ class Worker:
             self.request_drain("the instance was marked terminated or lost", now=True)
         elif reply.drain:
             self.request_drain("the manager asked this instance to drain")
+
+    def _check_orphaned(self, manager_silence: float | None, *, idle: bool) -> None:
+        """End this instance if no one looks after it: no manager tick and no job for the orphan
+        timeout, or no database for that long (its jobs' leases have passed; another worker has them).
+        manager_silence: seconds since the last tick (inf: never); None: the database did not answer."""
+        timeout = self.config.orphan_timeout_seconds
+        if not timeout or self._orphaned:
+            return
+        now = time.monotonic()
+        if manager_silence is None:
+            if now - self._db_ok_at < timeout:
+                return
+            why = f"the database has not answered for {now - self._db_ok_at:.0f} s"
+        else:
+            idle_for = now - self._last_active
+            if not (idle and manager_silence >= timeout and idle_for >= timeout):
+                return
+            last = f"no manager tick for {manager_silence:.0f} s"
+            if math.isinf(manager_silence):
+                last = "no manager ever ticked"
+            why = f"{last} and no job for {idle_for:.0f} s"
+        self._orphaned = f"orphaned: {why}"
+        log.error("%s; ending this instance (GPUQ_SELF_TERMINATE_CMD) so it stops billing", self._orphaned)
+        self.request_drain(self._orphaned, now=True)
+
+    def _self_terminate(self) -> None:
+        """Run the provider's way of ending this machine (on Vast a destroy of this instance, on EC2 a
+        shutdown that terminates it); the worker exits whatever it answers."""
+        cmd = self.config.self_terminate_cmd
+        log.error("running GPUQ_SELF_TERMINATE_CMD")
+        try:
+            done = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("GPUQ_SELF_TERMINATE_CMD failed: %s", exc)
+            return
+        out = (done.stdout + done.stderr).strip()[-2000:]
+        level = logging.ERROR if done.returncode else logging.INFO
+        log.log(level, "GPUQ_SELF_TERMINATE_CMD exited with %s%s", done.returncode, f": {out}" if out else "")
 
     # -- draining ---------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ outputs read back from storage, signals sent by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -24,6 +25,7 @@ import boto3
 import pytest
 import requests
 from PIL import Image
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from gpuq.client import Client
 from gpuq.settings import Settings
@@ -651,6 +653,130 @@ def test_the_metrics_endpoint_counts_jobs_and_claims(
     assert re.search(r'gpuq_worker_claims_total\{backend="imageops"\} [1-9]', text)
     assert 'gpuq_worker_phase_seconds_count{phase="upload",queue="demo"} 1.0' in text
     assert 'gpuq_worker_slots{backend="imageops"} 1.0' in text
+
+
+def test_an_idle_worker_no_manager_looks_after_ends_its_machine(
+    start_worker: Callable[..., WorkerProc], client: Client, tmp_path: Path
+) -> None:
+    # A rented machine whose manager stopped ticking (cron gone, host down) would bill for nothing:
+    # once it has had no job and seen no tick for the orphan timeout, the worker deregisters and runs
+    # the command that ends the machine.
+    marker = tmp_path / "terminated"
+    client.record_tick()
+    client.conn.execute("update gpuq.manager_ticks set last_tick_at = now() - interval '1 hour'")
+    w = start_worker(
+        lease=4,
+        GPUQ_ORPHAN_TIMEOUT_SECONDS="3",
+        GPUQ_SELF_TERMINATE_CMD=f"echo ended > {marker}",
+    )
+    assert w.wait(30) == 0
+    assert marker.read_text() == "ended\n"
+    row = instance_row(client, w)
+    assert row["status"] == "terminated" and "orphaned: no manager tick for" in row["end_reason"]
+    assert "GPUQ_SELF_TERMINATE_CMD exited with 0" in w.log
+
+
+def test_a_worker_whose_manager_ticks_or_who_has_work_stays(
+    start_worker: Callable[..., WorkerProc], client: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "terminated"
+    client.record_tick()
+    w = start_worker(
+        lease=4, GPUQ_ORPHAN_TIMEOUT_SECONDS="3", GPUQ_SELF_TERMINATE_CMD=f"echo ended > {marker}"
+    )
+    # The manager ticks: idle as it is, the worker stays.
+    end = time.monotonic() + 6
+    while time.monotonic() < end:
+        client.record_tick()
+        time.sleep(0.5)
+    assert w.proc.poll() is None and not marker.exists()
+    # The manager goes quiet while jobs keep the worker busy: it stays too (the work pays for it).
+    src = make_png(tmp_path / "in.png")
+    jobs = [
+        client.enqueue("demo", {"image": str(src), "ops": [{"op": "sleep", "seconds": 1}]}) for _ in range(6)
+    ]
+    client.conn.execute("update gpuq.manager_ticks set last_tick_at = now() - interval '1 hour'")
+    for job in jobs:
+        wait_status(client, job, "succeeded")
+    assert w.proc.poll() is None and not marker.exists()
+    # Then nothing comes: after the timeout it ends the machine.
+    assert w.wait(30) == 0
+    assert marker.exists()
+
+
+class TcpProxy:
+    """Forwards a local port to Postgres until cut: a database that goes away, for real sockets."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.cut:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.cut = True
+        self.server.close()
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_worker_that_loses_its_database_ends_its_machine(
+    start_worker: Callable[..., WorkerProc], db_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "terminated"
+    info = conninfo_to_dict(db_url)
+    proxy = TcpProxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
+    try:
+        via_proxy = make_conninfo(db_url, host="127.0.0.1", port=str(proxy.port))
+        w = start_worker(
+            lease=4,
+            DATABASE_URL=via_proxy,
+            GPUQ_ORPHAN_TIMEOUT_SECONDS="3",
+            GPUQ_SELF_TERMINATE_CMD=f"echo ended > {marker}",
+        )
+        time.sleep(1)
+        assert w.proc.poll() is None  # the database answers, the manager never ticked, not idle 3 s yet
+        proxy.close()
+        assert w.wait(30) == 0
+        assert marker.exists()
+        assert "orphaned: the database has not answered for" in w.log
+    finally:
+        proxy.close()
+
+
+def test_orphan_settings_are_checked(tmp_path: Path) -> None:
+    settings = Settings(None, tmp_path, False, 60, 1.0)
+    base = {"GPUQ_QUEUES": "a=imageops", "GPUQ_SPOT_WATCH": "0"}
+    assert WorkerSettings.from_env(settings, base).orphan_timeout_seconds == 0  # off unless asked for
+    with pytest.raises(ConfigError, match="GPUQ_ORPHAN_TIMEOUT_SECONDS needs GPUQ_SELF_TERMINATE_CMD"):
+        WorkerSettings.from_env(settings, base | {"GPUQ_ORPHAN_TIMEOUT_SECONDS": "3600"})
+    with pytest.raises(ConfigError, match="must not be negative"):
+        WorkerSettings.from_env(
+            settings, base | {"GPUQ_ORPHAN_TIMEOUT_SECONDS": "-1", "GPUQ_SELF_TERMINATE_CMD": "true"}
+        )
 
 
 def test_bad_configuration_stops_the_worker_with_a_clear_message(
