@@ -70,6 +70,8 @@ def instance_env(ms: ManagerSettings, queue: str, provider: str) -> dict[str, st
         env["DATABASE_URL"] = ms.worker_database_url
     if ms.storage_url:
         env["GPUQ_STORAGE_URL"] = ms.storage_url
+    if ms.orphan_timeout_s and provider != "local":
+        env["GPUQ_ORPHAN_TIMEOUT_SECONDS"] = f"{ms.orphan_timeout_s:g}"  # onstart sets how it ends itself
     for name in ms.worker_env_names:
         if os.environ.get(name):
             env[name] = os.environ[name]

@@ -28,6 +28,8 @@ Environment (the README's table lists the same):
   GPUQ_DEPLOYMENT             our label is gpuq:<deployment>:<queue>; reconciliation owns every instance
                               labelled gpuq:<deployment>: (default `default`)
   GPUQ_MANAGER_TICK_SECONDS   `run`'s interval (default 60)
+  GPUQ_ORPHAN_TIMEOUT_SECONDS a rented instance with no job and no manager tick for this long (or no
+                              database) ends itself (default 3600; 0: never)
   GPUQ_DAILY_BUDGET           overrides daily_budget ($, default 10)
   GPUQ_MAX_TOTAL_DPH          overrides max_total_dph ($/h, default 2)
   GPUQ_BUDGET_TZ              overrides budget_tz (default UTC)
@@ -90,6 +92,8 @@ class ManagerSettings:
     worker_env_names: tuple[str, ...] = ()
     install_spec: str = "gpuq"
     bootstrap_url: str | None = None
+    # A rented instance idle this long with no manager tick (or without its database) ends itself.
+    orphan_timeout_s: float = 3600.0
 
     @property
     def label_prefix(self) -> str:
@@ -195,6 +199,14 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
     if missing:
         raise SystemExit(f"gpuq manager: queues use providers not enabled: {', '.join(sorted(missing))}")
 
+    tick_seconds = env_float("GPUQ_MANAGER_TICK_SECONDS", 60.0)
+    orphan_timeout = env_float("GPUQ_ORPHAN_TIMEOUT_SECONDS", 3600.0)
+    if orphan_timeout and orphan_timeout < max(600.0, 5 * tick_seconds):
+        # shorter, and a few slow or failed ticks would make healthy instances end themselves
+        raise SystemExit(
+            f"gpuq manager: GPUQ_ORPHAN_TIMEOUT_SECONDS must be 0 (off) or at least "
+            f"{max(600.0, 5 * tick_seconds):g} (600 s and 5 ticks), got {orphan_timeout:g}"
+        )
     metrics_file = os.environ.get("GPUQ_METRICS_FILE")
     port = env_int("GPUQ_MANAGER_METRICS_PORT", 0)
     worker_env = os.environ.get("GPUQ_WORKER_ENV", "")
@@ -203,7 +215,7 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         launch=launch,
         providers=providers,
         deployment=env_str("GPUQ_DEPLOYMENT", "default"),
-        tick_seconds=env_float("GPUQ_MANAGER_TICK_SECONDS", 60.0),
+        tick_seconds=tick_seconds,
         metrics_file=Path(metrics_file) if metrics_file else None,
         metrics_port=port or None,
         worker_database_url=os.environ.get("GPUQ_WORKER_DATABASE_URL") or os.environ.get("DATABASE_URL"),
@@ -211,4 +223,5 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         worker_env_names=tuple(n.strip() for n in worker_env.split(",") if n.strip()),
         install_spec=env_str("GPUQ_INSTALL_SPEC", "gpuq"),
         bootstrap_url=os.environ.get("GPUQ_BOOTSTRAP_URL") or None,
+        orphan_timeout_s=orphan_timeout,
     )

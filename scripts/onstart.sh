@@ -17,6 +17,7 @@
 #   GPUQ_WORKSPACE             default /workspace; everything goes under $GPUQ_WORKSPACE/gpuq
 #   GPUQ_PYTHON                the Python to build the venv with (default python3)
 #   GPUQ_WORKER_CMD            the worker command (default: <venv>/bin/python -m gpuq.cli worker)
+#   GPUQ_ORPHAN_TIMEOUT_SECONDS, GPUQ_SELF_TERMINATE_CMD  the worker's orphan check (README)
 # Nothing here prints the environment: the host can read it anyway, the logs need not carry it.
 set -euo pipefail
 
@@ -117,6 +118,14 @@ if [[ "$BACKENDS" == *,comfyui,* ]]; then
   done
   # the worker removes each job's files from ComfyUI's input/ and output/ (the base directory)
   export COMFYUI_URL="${COMFYUI_URL:-http://127.0.0.1:8188}" COMFYUI_BASE_DIR="${COMFYUI_BASE_DIR:-$COMFY}"
+fi
+
+if [ -n "${GPUQ_ORPHAN_TIMEOUT_SECONDS:-}" ] && [ -z "${GPUQ_SELF_TERMINATE_CMD:-}" ]; then
+  case "${GPUQ_PROVIDER:-}" in  # how this machine ends itself
+    vast) GPUQ_SELF_TERMINATE_CMD="VAST_API_KEY=\"\$CONTAINER_API_KEY\" '$V/bin/vastai' destroy instance \"\$CONTAINER_ID\" -y" ;;
+    aws_spot) GPUQ_SELF_TERMINATE_CMD="shutdown -h now" ;;  # the instance terminates on shutdown
+  esac
+  export GPUQ_SELF_TERMINATE_CMD
 fi
 
 # shellcheck disable=SC2086  # GPUQ_WORKER_CMD is a command line

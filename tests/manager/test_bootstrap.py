@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,10 @@ import pytest
 
 from manager.bootstrap import ONSTART_MAX, SCRIPT, instance_env, launch_spec, onstart_stub
 from manager.config import from_dict
-from manager.providers.base import Offer
+from manager.providers.base import LaunchSpec, Offer, OfferFilter
+from manager.providers.vast import VastProvider
+from tests.manager.conftest import VAST_KEY
+from tests.standins.vast_server import VastStandin
 
 # Stands in for python3 (and the venv's python): makes the venv, records pip, runs "the worker".
 FAKE_PYTHON = """#!/bin/bash
@@ -22,6 +26,7 @@ case "$1 $2" in
   "-m pip") echo "pip ${*:3}" >> "$FAKE_LOG"; exit 0 ;;
 esac
 echo "run $*" >> "$FAKE_LOG"
+if [ -n "${GPUQ_SELF_TERMINATE_CMD:-}" ]; then echo "terminate: $GPUQ_SELF_TERMINATE_CMD" >> "$FAKE_LOG"; fi
 exec sleep 30
 """
 
@@ -61,13 +66,15 @@ def test_instances_get_the_worker_role_and_named_storage_credentials_only(
     assert env["GPUQ_QUEUES"] == "tts=f5tts" and env["GPUQ_STORAGE_URL"] == "s3://bucket/out"
     assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret"
     assert "vast-key" not in str(env) and "manager:secret" not in str(env)
+    assert env["GPUQ_ORPHAN_TIMEOUT_SECONDS"] == "3600"  # a rented machine ends itself if orphaned
+    assert "GPUQ_ORPHAN_TIMEOUT_SECONDS" not in instance_env(ms, "tts", "local")  # processes bill nothing
     offer = Offer("vast", "1", "RTX 4090", 1, 24000, 0.3, interruptible=True, min_bid=0.25)
     spec = launch_spec(ms, "tts", offer)
     assert spec.bid_price == 0.3 and spec.label == "gpuq:default:tts"  # a bid, never a silent on-demand
     assert all(len(v) <= 256 for v in spec.env.values())
 
 
-def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path) -> subprocess.Popen[bytes]:
+def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path, **extra: str) -> subprocess.Popen[bytes]:
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "HOME": str(workspace),
@@ -78,6 +85,7 @@ def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path) -> subprocess.Po
         "GPUQ_INSTALL_SPEC": "gpuq @ https://example.com/gpuq.whl",
         "CONTAINER_ID": "4242",
         "FAKE_LOG": str(fake_log),
+        **extra,
     }
     # Its own process group, so the test can stop everything it left running by that group's id.
     return subprocess.Popen(["bash", str(SCRIPT)], env=env, start_new_session=True)
@@ -128,3 +136,57 @@ def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
+
+
+def start_fake(tmp_path: Path) -> tuple[Path, Path, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    return bin_dir, tmp_path / "ws", tmp_path / "fake.log"
+
+
+def terminate_cmd(tmp_path: Path, provider: str) -> str:
+    """The GPUQ_SELF_TERMINATE_CMD onstart gives the worker on `provider`."""
+    bin_dir, workspace, fake_log = start_fake(tmp_path)
+    proc = run_onstart(
+        workspace, bin_dir, fake_log, GPUQ_PROVIDER=provider, GPUQ_ORPHAN_TIMEOUT_SECONDS="3600"
+    )
+    try:
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while "terminate: " not in (fake_log.read_text() if fake_log.exists() else ""):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    (line,) = [x for x in fake_log.read_text().splitlines() if x.startswith("terminate: ")]
+    return line.removeprefix("terminate: ")
+
+
+def test_on_ec2_an_orphaned_worker_shuts_the_instance_down(tmp_path: Path) -> None:
+    # aws_spot launches with InstanceInitiatedShutdownBehavior=terminate: a shutdown ends the billing.
+    assert terminate_cmd(tmp_path, "aws_spot") == "shutdown -h now"
+
+
+def test_on_vast_an_orphaned_worker_destroys_its_own_instance(
+    tmp_path: Path, vast: VastProvider, standin: VastStandin
+) -> None:
+    cmd = terminate_cmd(tmp_path, "vast")
+    vastai = tmp_path / "ws" / "gpuq" / "venv" / "bin" / "vastai"
+    assert f"'{vastai}' destroy instance" in cmd
+    # Run it as the worker would, with the real vastai CLI (only pointed at the stand-in) and the
+    # container's own id and key. (That Vast lets CONTAINER_API_KEY, its per-instance key, destroy
+    # its own instance is not checked here: the stand-in takes the account key.)
+    cli = Path(sys.executable).parent / "vastai"
+    vastai.write_text(f'#!/bin/sh\nexec "{cli}" "$@" --url "{standin.url}"\n')
+    vastai.chmod(0o755)
+    standin.add_offer()
+    (offer,) = vast.search_offers(OfferFilter(gpu_names=("RTX 4090",)))
+    iid = vast.create(offer, LaunchSpec("gpuq:test:q", "img", 50, "true", bid_price=offer.bid))
+    env = {**os.environ, "CONTAINER_ID": iid, "CONTAINER_API_KEY": VAST_KEY}
+    env.pop("VAST_API_KEY", None)
+    done = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert int(iid) not in standin.live()

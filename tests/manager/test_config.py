@@ -43,3 +43,18 @@ def test_bad_settings_stop_the_manager_with_their_name(raw: dict[str, Any], mess
         from_dict({**raw, "queues": {"q": queue}})
     assert str(caught.value).startswith("gpuq manager: ")
     assert message in str(caught.value)
+
+
+def test_the_orphan_timeout_is_off_or_long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    queues = {"queues": {"q": {}}}
+    assert from_dict(queues).orphan_timeout_s == 3600
+    monkeypatch.setenv("GPUQ_ORPHAN_TIMEOUT_SECONDS", "0")
+    assert from_dict(queues).orphan_timeout_s == 0
+    # Shorter than a few ticks, and slow ticks would make healthy instances end themselves.
+    monkeypatch.setenv("GPUQ_ORPHAN_TIMEOUT_SECONDS", "120")
+    with pytest.raises(SystemExit, match=r"GPUQ_ORPHAN_TIMEOUT_SECONDS must be 0 \(off\) or at least 600"):
+        from_dict(queues)
+    monkeypatch.setenv("GPUQ_ORPHAN_TIMEOUT_SECONDS", "900")
+    monkeypatch.setenv("GPUQ_MANAGER_TICK_SECONDS", "300")
+    with pytest.raises(SystemExit, match="at least 1500"):
+        from_dict(queues)

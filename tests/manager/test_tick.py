@@ -50,7 +50,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def db(client: Client) -> Client:
-    client.conn.execute("truncate gpuq.avoided_machines")
+    client.conn.execute("truncate gpuq.avoided_machines, gpuq.manager_ticks")
     return client
 
 
@@ -200,6 +200,23 @@ def test_a_provider_message_with_a_nul_does_not_stop_the_tick_destroying(
 
 
 @pytest.mark.usefixtures("env")
+def test_a_tick_that_reconciled_every_provider_is_recorded_for_the_workers(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Rented workers end their machine when no manager looks after it (worker/main.py): a tick
+    # counts only when every provider was listed and repaired.
+    assert db.manager_silence_seconds() is None
+    m = manager(db, vast)
+    standin.fail_next(100, status=500, kind="list")  # Vast is down: this manager is blind
+    assert tick(m).reconcile.errors
+    assert db.manager_silence_seconds() is None
+    standin.clear_faults()
+    assert not tick(m).reconcile.errors
+    silence = db.manager_silence_seconds()
+    assert silence is not None and 0 <= silence < 5
+
+
+@pytest.mark.usefixtures("env")
 def test_dry_run_touches_neither_the_provider_nor_the_database(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
@@ -236,7 +253,7 @@ def vast_filter() -> Any:
 def db_state(db: Client) -> tuple[Any, ...]:
     return tuple(
         rows(db, f"select * from gpuq.{t} order by 1")
-        for t in ("instances", "instance_events", "jobs", "job_events", "avoided_machines")
+        for t in ("instances", "instance_events", "jobs", "job_events", "avoided_machines", "manager_ticks")
     )
 
 

@@ -234,6 +234,11 @@ class VastStandin:
         with self._lock:
             self._fail_queue.extend([(status, body, kind)] * n)
 
+    def clear_faults(self) -> None:
+        """Forget the failures fail_next queued that have not happened yet."""
+        with self._lock:
+            self._fail_queue.clear()
+
     def take_offer(self, offer_id: int) -> None:
         """Another renter was faster."""
         with self._lock:
