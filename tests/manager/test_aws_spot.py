@@ -150,6 +150,9 @@ def test_create_rents_spot_with_user_data_tags_and_disk(aws: AwsSpotProvider, ec
     volume_ids = [m["Ebs"]["VolumeId"] for m in inst["BlockDeviceMappings"]]
     sizes = [v["Size"] for v in ec2.describe_volumes(VolumeIds=volume_ids)["Volumes"]]
     assert sizes == [80]  # the root volume resized, not a second disk
+    # An orphaned worker ends the machine with `shutdown` (onstart): that must terminate, not stop it.
+    behaviour = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
 
 
 def test_list_by_label_prefix_across_pages_and_states(moto_url: str, ec2: object, ami: str) -> None:
