@@ -13,6 +13,7 @@ Facts this relies on, read from the vastai 1.9.1 source:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from manager.providers.base import (
     ProviderInstance,
     ProviderStatus,
     to_float,
+    to_price,
 )
 
 log = logging.getLogger(__name__)
@@ -171,10 +173,10 @@ class VastProvider:
 
     def _offer(self, row: dict[str, Any], interruptible: bool) -> Offer | None:
         try:
-            on_demand = float(row["dph_total"])  # priced for allocated_storage: GPU + storage
-            min_bid = float(row["min_bid"]) if row.get("min_bid") is not None else None
+            on_demand = _offer_price(row["dph_total"])  # priced for allocated_storage: GPU + storage
+            min_bid = _offer_price(row["min_bid"]) if row.get("min_bid") is not None else None
             # storage bills on top of a bid, in every state; money caps must see it
-            storage = on_demand - float(row["dph_base"]) if row.get("dph_base") is not None else 0.0
+            storage = on_demand - _offer_price(row["dph_base"]) if row.get("dph_base") is not None else 0.0
             bid = None
             if interruptible:
                 if min_bid is None:
@@ -299,7 +301,7 @@ class VastProvider:
         if not row:
             log.warning("vast: instance %s not shown right after create", contract)
             return
-        dph = to_float(row.get("dph_total"))
+        dph = to_price(row.get("dph_total"))
         # dph_total of a bid rent is the bid plus storage; on-demand bills the full ask. The slack
         # covers storage without letting an on-demand price through.
         is_bid = row.get("is_bid")
@@ -349,7 +351,7 @@ class VastProvider:
             label=row.get("label") or "",
             status=map_status(row),
             raw_status=_raw_status(row),
-            dph=to_float(row.get("dph_total")),
+            dph=to_price(row.get("dph_total")),
             machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
             gpu_name=row.get("gpu_name"),
             started_at=datetime.fromtimestamp(start, UTC) if start else None,
@@ -432,6 +434,14 @@ def map_status(row: dict[str, Any]) -> ProviderStatus:
         return ProviderStatus.STOPPED if cur == "stopped" else ProviderStatus.RUNNING
     # null, created, loading, rebooting, or a state we do not know yet: the ready timeout decides.
     return ProviderStatus.PROVISIONING
+
+
+def _offer_price(value: Any) -> float:
+    """An offer's price, or ValueError (the offer is skipped) when it is none the caps can compare."""
+    price = to_float(value)
+    if price is None or not math.isfinite(price) or price < 0:
+        raise ValueError(f"offer price {value!r}")
+    return price
 
 
 def _raw_status(row: dict[str, Any]) -> str:

@@ -136,6 +136,7 @@ class VastStandin:
         self.create_error_with_contract = 0  # the next N creates leave a stopped instance and answer an error
         self.ignore_bid = False  # rents on-demand even when a bid price is sent (what must be caught)
         self.oci_on_create = False  # instances created from now on fail with an OCI error
+        self.row_overrides: dict[int, dict[str, Any]] = {}  # instance id -> fields its listing row shows
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -496,7 +497,7 @@ class VastStandin:
             "ports": {},
             "ssh_host": "ssh4.vast.ai",
             "ssh_port": 30_000 + r.id % 1000,
-        }
+        } | self.row_overrides.get(r.id, {})
 
     def _list(self, query: dict) -> tuple[int, Any]:
         filters = json.loads(query.get("select_filters") or "{}")

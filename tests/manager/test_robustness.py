@@ -1,0 +1,105 @@
+"""One odd thing must not stop the manager's money duty: an odd price or row at a provider, one provider
+failing in an unexpected way, a dropped database connection, two managers through a transaction pooler.
+
+Against real Postgres, the real `vastai` SDK and the Vast stand-in, boto3 against moto.
+"""
+
+# The fixtures are test_tick's, imported by name, so the test parameters "redefine" them.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import pytest
+
+from gpuq.client import Client
+from manager.providers.base import OfferFilter
+from manager.providers.vast import VastProvider
+from manager.tick import tick
+from tests.manager.test_reconcile import rent_behind_our_back, status_of
+from tests.manager.test_tick import (  # noqa: F401  (fixtures)
+    db,
+    enqueue,
+    env,
+    manager,
+    our_live,
+    rows,
+    settings_for,
+)
+from tests.standins.vast_server import VastStandin
+
+
+def rent_two(db: Client, vast: VastProvider, standin: VastStandin) -> list[tuple[int, int]]:
+    """Two rents the manager made and recorded, each with its worker registered: (row id, Vast id)."""
+    standin.add_offer()
+    standin.add_offer()
+    enqueue(db, 4)
+    rented = tick(manager(db, vast)).rented
+    assert len(rented) == 2
+    pids = sorted(int(r.split(":", 1)[1]) for r in rented)
+    return [(db.register_instance("vast", str(p), gpu_name="RTX 4090", queues=["tryon"]), p) for p in pids]
+
+
+def orphan(vast: VastProvider, standin: VastStandin) -> int:
+    standin.add_offer()
+    return int(rent_behind_our_back(vast, vast.search_offers(OfferFilter())[0]))
+
+
+# ----------------------------------------------------------------------------------- odd prices
+
+
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("dph", [-0.5, 1e9])
+def test_a_price_the_database_refuses_does_not_stop_a_dead_instance_being_destroyed(
+    db: Client, vast: VastProvider, standin: VastStandin, dph: float
+) -> None:
+    (_, odd_pid), (dead_iid, dead_pid) = rent_two(db, vast, standin)
+    standin.row_overrides[odd_pid] = {"dph_total": dph}
+    standin.set_status(dead_pid, "exited")
+
+    tick(manager(db, vast))
+
+    assert dead_pid not in standin.live()
+    assert status_of(db, dead_iid)["terminated_at"] is not None
+
+
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize("dph", [-0.5, 1e9])
+def test_an_orphan_with_a_price_the_database_refuses_is_still_destroyed(
+    db: Client, vast: VastProvider, standin: VastStandin, dph: float
+) -> None:
+    pid = orphan(vast, standin)
+    standin.row_overrides[pid] = {"dph_total": dph}
+
+    tick(manager(db, vast))
+
+    assert pid not in standin.live()
+
+
+@pytest.mark.usefixtures("env")
+def test_an_orphan_priced_nan_does_not_switch_off_the_daily_budget(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Python's json writes NaN for a float nan, and requests reads it back.
+    pid = orphan(vast, standin)
+    standin.row_overrides[pid] = {"dph_total": float("nan")}
+    tick(manager(db, vast))
+    assert pid not in standin.live()
+
+    # A budget already spent: no rent may follow, whatever the queue.
+    ms = settings_for(daily_budget=0.01)
+    standin.add_offer()
+    enqueue(db, 4)
+    result = tick(manager(db, vast, ms))
+    assert result.rented == [], result.lines
+    assert our_live(standin) == {}
+
+
+@pytest.mark.usefixtures("env")
+def test_an_offer_priced_nan_is_not_rented_past_the_caps(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    standin.add_offer(dph_base=float("nan"))
+    enqueue(db, 4)
+    result = tick(manager(db, vast, settings_for(max_total_dph=0.1)))
+    assert result.rented == [], result.lines
+    assert our_live(standin) == {}
