@@ -334,8 +334,8 @@ class VastProvider:
             if not isinstance(page, dict):
                 raise ProviderError(f"vast list answered {_describe(page)}", retryable=True)
             for row in page.get("instances") or []:
-                label = row.get("label") or ""
-                if label.startswith(label_prefix):
+                label = row.get("label")
+                if isinstance(label, str) and label.startswith(label_prefix):
                     found.append(self._instance(row))
             token = page.get("next_token")
             if not token or token in seen_tokens:
@@ -344,18 +344,21 @@ class VastProvider:
             params["after_token"] = token
 
     def _instance(self, row: dict[str, Any]) -> ProviderInstance:
-        start = to_float(row.get("start_date"))
+        """One listing row; a field with an odd value is read as unknown, so that one row cannot stop the
+        reconciliation of all the others (only a row without an id raises: it cannot be acted on)."""
+        if row.get("id") is None:
+            raise ProviderError("vast list answered an instance without an id", retryable=True)
         return ProviderInstance(
             provider=self.name,
             provider_id=str(row["id"]),
-            label=row.get("label") or "",
+            label=row["label"],
             status=map_status(row),
             raw_status=_raw_status(row),
             dph=to_price(row.get("dph_total")),
             machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
-            gpu_name=row.get("gpu_name"),
-            started_at=datetime.fromtimestamp(start, UTC) if start else None,
-            status_msg=row.get("status_msg"),
+            gpu_name=_text(row.get("gpu_name")),
+            started_at=_timestamp(row.get("start_date")),
+            status_msg=_text(row.get("status_msg")),
         )
 
     def destroy(self, provider_id: str) -> None:
@@ -423,7 +426,7 @@ class _HTTPFailure(ProviderError):
 def map_status(row: dict[str, Any]) -> ProviderStatus:
     actual = row.get("actual_status")
     cur, nxt, intended = row.get("cur_state"), row.get("next_state"), row.get("intended_status")
-    msg = (row.get("status_msg") or "").lower()
+    msg = (_text(row.get("status_msg")) or "").lower()
     if "oci runtime create failed" in msg or actual in DEAD_ACTUAL:
         return ProviderStatus.DEAD
     if actual in ("stopped", "frozen"):
@@ -434,6 +437,18 @@ def map_status(row: dict[str, Any]) -> ProviderStatus:
         return ProviderStatus.STOPPED if cur == "stopped" else ProviderStatus.RUNNING
     # null, created, loading, rebooting, or a state we do not know yet: the ready timeout decides.
     return ProviderStatus.PROVISIONING
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    seconds = to_float(value)
+    try:
+        return datetime.fromtimestamp(seconds, UTC) if seconds else None
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _offer_price(value: Any) -> float:

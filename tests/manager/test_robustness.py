@@ -15,7 +15,7 @@ from gpuq.client import Client
 from manager.providers.base import OfferFilter
 from manager.providers.vast import VastProvider
 from manager.tick import tick
-from tests.manager.test_reconcile import rent_behind_our_back, status_of
+from tests.manager.test_reconcile import rent_behind_our_back, rent_by_tick, status_of
 from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     db,
     enqueue,
@@ -103,3 +103,27 @@ def test_an_offer_priced_nan_is_not_rented_past_the_caps(
     result = tick(manager(db, vast, settings_for(max_total_dph=0.1)))
     assert result.rented == [], result.lines
     assert our_live(standin) == {}
+
+
+# ----------------------------------------------------------------------------------- odd rows
+
+
+@pytest.mark.usefixtures("env")
+@pytest.mark.parametrize(
+    "field,value", [("start_date", 1e20), ("label", 7), ("status_msg", 7), ("gpu_name", 4090)]
+)
+def test_one_odd_listing_row_does_not_stop_reconciliation(
+    db: Client, vast: VastProvider, standin: VastStandin, field: str, value: object
+) -> None:
+    odd = orphan(vast, standin)
+    standin.row_overrides[odd] = {field: value}
+    dead_iid, dead_pid = rent_by_tick(db, vast, standin)
+    dead_pid = int(dead_pid)
+    standin.set_status(dead_pid, "exited")
+
+    tick(manager(db, vast))
+
+    assert dead_pid not in standin.live()
+    assert status_of(db, dead_iid)["terminated_at"] is not None
+    if field == "start_date":  # still ours by its label: an orphan, destroyed
+        assert odd not in standin.live()
