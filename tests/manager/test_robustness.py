@@ -9,12 +9,19 @@ Against real Postgres, the real `vastai` SDK and the Vast stand-in, boto3 agains
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 from gpuq.client import Client
+from manager.metrics import Metrics
 from manager.providers.base import OfferFilter
 from manager.providers.vast import VastProvider
-from manager.tick import tick
+from manager.tick import Manager, tick
+from tests.conftest import make_settings
+from tests.manager.test_aws_spot import ami, aws, ec2  # noqa: F401  (fixtures)
 from tests.manager.test_reconcile import rent_behind_our_back, rent_by_tick, status_of
 from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     db,
@@ -26,6 +33,7 @@ from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     settings_for,
 )
 from tests.standins.vast_server import VastStandin
+from tests.test_pooler import pooled_url  # noqa: F401  (fixture)
 
 
 def rent_two(db: Client, vast: VastProvider, standin: VastStandin) -> list[tuple[int, int]]:
@@ -127,3 +135,31 @@ def test_one_odd_listing_row_does_not_stop_reconciliation(
     assert status_of(db, dead_iid)["terminated_at"] is not None
     if field == "start_date":  # still ours by its label: an orphan, destroyed
         assert odd not in standin.live()
+
+
+# ----------------------------------------------------------------------------------- the database
+
+
+@pytest.mark.usefixtures("env")
+def test_two_managers_through_a_transaction_pooler_never_tick_at_once(
+    db: Client, vast: VastProvider, standin: VastStandin, pooled_url: str, tmp_path: Path
+) -> None:
+    pooled = make_settings(pooled_url, tmp_path, transaction_pooler=True)
+    first, second = Client.connect(pooled_url, pooled), Client.connect(pooled_url, pooled)
+    standin.hold_lists = threading.Event()  # the first tick stops in its listing, holding the lock
+    ticking = threading.Thread(target=tick, args=(manager(first, vast),))
+    ticking.start()
+    deadline = time.monotonic() + 10
+    while not standin.of_kind("list"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        result = tick(Manager(second, settings_for(), {}, Metrics()))  # nothing to wait for if it runs
+    finally:
+        standin.hold_lists.set()
+        ticking.join(30)
+    assert result.skipped
+    # and once the first is done, the lock is free again
+    assert not tick(Manager(second, settings_for(), {}, Metrics())).skipped
+    first.close()
+    second.close()

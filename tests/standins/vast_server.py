@@ -137,6 +137,7 @@ class VastStandin:
         self.ignore_bid = False  # rents on-demand even when a bid price is sent (what must be caught)
         self.oci_on_create = False  # instances created from now on fail with an OCI error
         self.row_overrides: dict[int, dict[str, Any]] = {}  # instance id -> fields its listing row shows
+        self.hold_lists: threading.Event | None = None  # when set: listings wait for this event first
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -305,6 +306,9 @@ class VastStandin:
             status, answer = self._dispatch(h, method, path, query, body, kind)
             self.requests.append(RequestRecord(self.clock.now(), method, path, kind, status, query, body))
         data = json.dumps(answer).encode()
+        hold = self.hold_lists if kind == "list" else None
+        if hold is not None:
+            hold.wait(30)
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
