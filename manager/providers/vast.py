@@ -388,7 +388,7 @@ class VastProvider:
                 if quota or not transient or last:
                     raise failure from None
                 log.info("vast %s: HTTP %s, retrying", endpoint, failure.status)
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except requests.RequestException as e:  # a dropped connection, a timeout, an answer cut off
                 if last or not retry_5xx:
                     raise ProviderError(
                         f"vast {endpoint}: {type(e).__name__} talking to the API", retryable=True

@@ -17,12 +17,14 @@ import pytest
 
 from gpuq.client import Client
 from manager.metrics import Metrics
+from manager.providers.aws_spot import AwsSpotProvider
 from manager.providers.base import OfferFilter
 from manager.providers.vast import VastProvider
 from manager.tick import Manager, tick
 from tests.conftest import make_settings
 from tests.manager.test_aws_spot import ami, aws, ec2  # noqa: F401  (fixtures)
-from tests.manager.test_reconcile import rent_behind_our_back, rent_by_tick, status_of
+from tests.manager.test_aws_spot import spec as aws_spec
+from tests.manager.test_reconcile import PREFIX, rent_behind_our_back, rent_by_tick, status_of
 from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     db,
     enqueue,
@@ -135,6 +137,25 @@ def test_one_odd_listing_row_does_not_stop_reconciliation(
     assert status_of(db, dead_iid)["terminated_at"] is not None
     if field == "start_date":  # still ours by its label: an orphan, destroyed
         assert odd not in standin.live()
+
+
+# ----------------------------------------------------------------------------------- one provider
+
+
+@pytest.mark.usefixtures("env")
+def test_a_vast_listing_that_breaks_off_does_not_stop_aws_reconciliation(
+    db: Client, vast: VastProvider, standin: VastStandin, aws: AwsSpotProvider
+) -> None:
+    aws_orphan = aws.create(aws.search_offers(OfferFilter())[0], aws_spec(label=PREFIX + "tts"))
+    standin.broken_lists = 100  # every try of this tick
+
+    m = manager(db, vast)
+    m.providers = {"vast": vast, "aws_spot": aws}
+    result = tick(m)
+
+    assert any(e.startswith("vast:") for e in result.reconcile.errors), result.reconcile.errors
+    assert result.reconcile.orphans_destroyed == [f"aws_spot:{aws_orphan}"]
+    assert aws_orphan not in {p.provider_id for p in aws.list_instances(PREFIX) if p.status != "gone"}
 
 
 # ----------------------------------------------------------------------------------- the database

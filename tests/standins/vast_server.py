@@ -137,6 +137,7 @@ class VastStandin:
         self.ignore_bid = False  # rents on-demand even when a bid price is sent (what must be caught)
         self.oci_on_create = False  # instances created from now on fail with an OCI error
         self.row_overrides: dict[int, dict[str, Any]] = {}  # instance id -> fields its listing row shows
+        self.broken_lists = 0  # the next N listings break off mid-answer (a dropped connection)
         self.hold_lists: threading.Event | None = None  # when set: listings wait for this event first
 
     # ------------------------------------------------------------------ lifecycle
@@ -309,10 +310,17 @@ class VastStandin:
         hold = self.hold_lists if kind == "list" else None
         if hold is not None:
             hold.wait(30)
+        with self._lock:
+            broken = kind == "list" and self.broken_lists > 0
+            self.broken_lists -= broken
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
+        if broken:  # half the answer, then the connection drops
+            h.wfile.write(data[: len(data) // 2])
+            h.close_connection = True
+            return
         h.wfile.write(data)
 
     def _dispatch(
