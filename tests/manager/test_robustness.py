@@ -9,6 +9,7 @@ Against real Postgres, the real `vastai` SDK and the Vast stand-in, boto3 agains
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from gpuq.client import Client
+from gpuq.settings import Settings
+from manager.cli import _loop
 from manager.metrics import Metrics
 from manager.providers.aws_spot import AwsSpotProvider
 from manager.providers.base import OfferFilter
@@ -159,6 +162,23 @@ def test_a_vast_listing_that_breaks_off_does_not_stop_aws_reconciliation(
 
 
 # ----------------------------------------------------------------------------------- the database
+
+
+@pytest.mark.usefixtures("env")
+def test_the_run_loop_reconnects_after_the_database_connection_drops(
+    db: Client, vast: VastProvider, standin: VastStandin, db_url: str, settings: Settings
+) -> None:
+    own = Client.connect(db_url, settings)
+    m = manager(own, vast, dataclasses.replace(settings_for(), tick_seconds=0.01))
+    standin.add_offer()
+    enqueue(db, 2)
+    # A server restart, a failover, a network blip: the manager's session ends under it.
+    db.call("select pg_terminate_backend(%s)", (own.conn.info.backend_pid,))
+
+    _loop(m, dry_run=False, ticks=3)
+
+    assert len(our_live(standin)) == 1  # a later tick did its work
+    m.client.close()
 
 
 @pytest.mark.usefixtures("env")
