@@ -6,6 +6,7 @@ gpuq/cli.py mounts this with add_arguments(parser) and run(args, settings); main
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -91,6 +92,7 @@ def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
                 tick(manager, dry_run=dry_run)
             except Exception:  # a loop that dies leaves machines billing: log, wait, go on
                 log.exception("tick failed; trying again next interval")
+                _reconnect(manager)
             done += 1
             if ticks and done >= ticks:
                 break
@@ -99,6 +101,21 @@ def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
         if server is not None:
             server.shutdown()
     return 0
+
+
+def _reconnect(manager: Manager) -> None:
+    """A new database connection when the old one is gone (a restart, a failover, a network blip):
+    without it every later tick failed on the dead connection and nothing was destroyed again."""
+    old = manager.client
+    if not (old.conn.closed or old.conn.broken):
+        return
+    try:
+        manager.client = Client.connect(old.url, old.settings)
+    except Exception as e:
+        log.warning("database reconnect failed (%s); trying again next interval", e)
+        return
+    with contextlib.suppress(Exception):
+        old.close()
 
 
 def _status(client: Client, ms: ManagerSettings, days: int) -> int:

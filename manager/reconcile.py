@@ -95,7 +95,7 @@ def reconcile(
     for name, provider in providers.items():
         try:
             listed = provider.list_instances(label_prefix)
-        except ProviderError as e:
+        except Exception as e:  # whatever one provider does wrong, the others are reconciled
             report.errors.append(f"{name}: {e}")
             log.warning("%s: cannot list instances, reconciling nothing there this tick: %s", name, e)
             continue

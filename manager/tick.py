@@ -2,7 +2,8 @@
 
 A dry run lists and searches at the providers (reads only) and reads the database, then prints what it
 would do; it creates, destroys and writes nothing. Two ticks never act at once: an advisory lock in
-Postgres serialises them (a cron tick that finds `run` mid-tick skips).
+Postgres, held by an open transaction on a connection of its own (so it holds through a transaction
+pooler too), serialises them (a cron tick that finds `run` mid-tick skips).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from gpuq.client import Client
+from gpuq.db import Connection, connect
 from manager.bootstrap import launch_spec
 from manager.config import ManagerSettings
 from manager.metrics import Metrics
@@ -63,12 +66,11 @@ class Manager:
 
 def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> TickResult:
     result = TickResult()
-    if not dry_run:
-        got = m.client.call("select pg_try_advisory_lock(%s) as got", (TICK_LOCK,))[0]["got"]
-        if not got:
-            log.info("another manager tick is running; skipping this one")
-            result.skipped = True
-            return result
+    lock = None if dry_run else _tick_lock(m.client)
+    if lock is False:
+        log.info("another manager tick is running; skipping this one")
+        result.skipped = True
+        return result
     started = time.monotonic()
     try:
         _tick(m, result, dry_run, now)
@@ -76,14 +78,31 @@ def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> T
             # every provider listed and repaired: rented workers may count on being looked after
             m.client.record_tick()
     finally:
-        if not dry_run:
-            m.client.call("select pg_advisory_unlock(%s)", (TICK_LOCK,))
+        if lock is not None:
+            lock.close()  # ends its transaction, and the lock with it
     m.metrics.ticks.inc()
     m.metrics.tick_duration.set(time.monotonic() - started)
     m.metrics.last_tick.set(time.time())
     if m.settings.metrics_file is not None and not dry_run:
         m.metrics.write(m.settings.metrics_file)
     return result
+
+
+def _tick_lock(client: Client) -> Connection | Literal[False]:
+    """The tick lock, held by a transaction open on a connection of its own until that is closed; False
+    when another tick holds it. A session lock on the client's connection would not do through a
+    transaction pooler: each call may run on another server session, so the lock was taken on one and
+    another manager's tick, handed that same session, took it again."""
+    conn = connect(client.url, client.settings, autocommit=False)
+    try:
+        got = conn.execute("select pg_try_advisory_xact_lock(%s) as got", (TICK_LOCK,)).fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    if got is None or not got["got"]:
+        conn.close()
+        return False
+    return conn
 
 
 def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -> None:

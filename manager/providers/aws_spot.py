@@ -81,7 +81,9 @@ STATES = {
     "stopping": ProviderStatus.STOPPED,
     "stopped": ProviderStatus.STOPPED,
     "shutting-down": ProviderStatus.DEAD,
-    "terminated": ProviderStatus.DEAD,
+    # Billing has ended; EC2 still lists it for about an hour. Not GONE, every destroy of ours read as
+    # unverified: the row stayed on the books as billing and the destroy failed tick after tick.
+    "terminated": ProviderStatus.GONE,
 }
 
 # Capacity and price refusals that may clear on another try or in another zone.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -109,3 +110,19 @@ def to_float(value: Any) -> float | None:
         return float(value) if value is not None and value != "" else None
     except (TypeError, ValueError):
         return None
+
+
+# The dearest $/h the books hold (instances.dph is numeric(12, 6)).
+PRICE_MAX = 999_999.0
+
+
+def to_price(value: Any) -> float | None:
+    """A provider's $/h as one the books and the caps can use: None when it is no price at all (junk,
+    NaN, negative), and an absurdly high one as PRICE_MAX, so that it is recorded and the caps shed it.
+
+    A NaN passes every comparison as false, so one NaN price switched the caps off; a negative or huge one
+    was refused by the database and crashed the tick before it destroyed anything."""
+    price = to_float(value)
+    if price is None or math.isnan(price) or price < 0:
+        return None
+    return min(price, PRICE_MAX)

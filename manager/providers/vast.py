@@ -13,6 +13,7 @@ Facts this relies on, read from the vastai 1.9.1 source:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from manager.providers.base import (
     ProviderInstance,
     ProviderStatus,
     to_float,
+    to_price,
 )
 
 log = logging.getLogger(__name__)
@@ -171,10 +173,10 @@ class VastProvider:
 
     def _offer(self, row: dict[str, Any], interruptible: bool) -> Offer | None:
         try:
-            on_demand = float(row["dph_total"])  # priced for allocated_storage: GPU + storage
-            min_bid = float(row["min_bid"]) if row.get("min_bid") is not None else None
+            on_demand = _offer_price(row["dph_total"])  # priced for allocated_storage: GPU + storage
+            min_bid = _offer_price(row["min_bid"]) if row.get("min_bid") is not None else None
             # storage bills on top of a bid, in every state; money caps must see it
-            storage = on_demand - float(row["dph_base"]) if row.get("dph_base") is not None else 0.0
+            storage = on_demand - _offer_price(row["dph_base"]) if row.get("dph_base") is not None else 0.0
             bid = None
             if interruptible:
                 if min_bid is None:
@@ -299,7 +301,7 @@ class VastProvider:
         if not row:
             log.warning("vast: instance %s not shown right after create", contract)
             return
-        dph = to_float(row.get("dph_total"))
+        dph = to_price(row.get("dph_total"))
         # dph_total of a bid rent is the bid plus storage; on-demand bills the full ask. The slack
         # covers storage without letting an on-demand price through.
         is_bid = row.get("is_bid")
@@ -332,8 +334,8 @@ class VastProvider:
             if not isinstance(page, dict):
                 raise ProviderError(f"vast list answered {_describe(page)}", retryable=True)
             for row in page.get("instances") or []:
-                label = row.get("label") or ""
-                if label.startswith(label_prefix):
+                label = row.get("label")
+                if isinstance(label, str) and label.startswith(label_prefix):
                     found.append(self._instance(row))
             token = page.get("next_token")
             if not token or token in seen_tokens:
@@ -342,18 +344,21 @@ class VastProvider:
             params["after_token"] = token
 
     def _instance(self, row: dict[str, Any]) -> ProviderInstance:
-        start = to_float(row.get("start_date"))
+        """One listing row; a field with an odd value is read as unknown, so that one row cannot stop the
+        reconciliation of all the others (only a row without an id raises: it cannot be acted on)."""
+        if row.get("id") is None:
+            raise ProviderError("vast list answered an instance without an id", retryable=True)
         return ProviderInstance(
             provider=self.name,
             provider_id=str(row["id"]),
-            label=row.get("label") or "",
+            label=row["label"],
             status=map_status(row),
             raw_status=_raw_status(row),
-            dph=to_float(row.get("dph_total")),
+            dph=to_price(row.get("dph_total")),
             machine_id=str(row["machine_id"]) if row.get("machine_id") is not None else None,
-            gpu_name=row.get("gpu_name"),
-            started_at=datetime.fromtimestamp(start, UTC) if start else None,
-            status_msg=row.get("status_msg"),
+            gpu_name=_text(row.get("gpu_name")),
+            started_at=_timestamp(row.get("start_date")),
+            status_msg=_text(row.get("status_msg")),
         )
 
     def destroy(self, provider_id: str) -> None:
@@ -383,7 +388,7 @@ class VastProvider:
                 if quota or not transient or last:
                     raise failure from None
                 log.info("vast %s: HTTP %s, retrying", endpoint, failure.status)
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except requests.RequestException as e:  # a dropped connection, a timeout, an answer cut off
                 if last or not retry_5xx:
                     raise ProviderError(
                         f"vast {endpoint}: {type(e).__name__} talking to the API", retryable=True
@@ -421,7 +426,7 @@ class _HTTPFailure(ProviderError):
 def map_status(row: dict[str, Any]) -> ProviderStatus:
     actual = row.get("actual_status")
     cur, nxt, intended = row.get("cur_state"), row.get("next_state"), row.get("intended_status")
-    msg = (row.get("status_msg") or "").lower()
+    msg = (_text(row.get("status_msg")) or "").lower()
     if "oci runtime create failed" in msg or actual in DEAD_ACTUAL:
         return ProviderStatus.DEAD
     if actual in ("stopped", "frozen"):
@@ -432,6 +437,26 @@ def map_status(row: dict[str, Any]) -> ProviderStatus:
         return ProviderStatus.STOPPED if cur == "stopped" else ProviderStatus.RUNNING
     # null, created, loading, rebooting, or a state we do not know yet: the ready timeout decides.
     return ProviderStatus.PROVISIONING
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    seconds = to_float(value)
+    try:
+        return datetime.fromtimestamp(seconds, UTC) if seconds else None
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _offer_price(value: Any) -> float:
+    """An offer's price, or ValueError (the offer is skipped) when it is none the caps can compare."""
+    price = to_float(value)
+    if price is None or not math.isfinite(price) or price < 0:
+        raise ValueError(f"offer price {value!r}")
+    return price
 
 
 def _raw_status(row: dict[str, Any]) -> str:

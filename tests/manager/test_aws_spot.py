@@ -182,7 +182,7 @@ def test_stopped_and_terminated_states(aws: AwsSpotProvider, ec2: object) -> Non
     aws.destroy(b)
     by_id = {i.provider_id: i for i in aws.list_instances("gpuq:")}
     assert by_id[a].status == ProviderStatus.STOPPED and by_id[a].raw_status == "stopped"
-    assert by_id[b].status == ProviderStatus.DEAD and by_id[b].raw_status == "terminated"
+    assert by_id[b].status == ProviderStatus.GONE and by_id[b].raw_status == "terminated"
     assert by_id[b].status_msg  # the StateReason, e.g. a spot interruption or our terminate
     aws.destroy(b)  # terminating again is harmless
     aws.destroy("i-0123456789abcdef0")  # so is an id that never existed

@@ -136,6 +136,9 @@ class VastStandin:
         self.create_error_with_contract = 0  # the next N creates leave a stopped instance and answer an error
         self.ignore_bid = False  # rents on-demand even when a bid price is sent (what must be caught)
         self.oci_on_create = False  # instances created from now on fail with an OCI error
+        self.row_overrides: dict[int, dict[str, Any]] = {}  # instance id -> fields its listing row shows
+        self.broken_lists = 0  # the next N listings break off mid-answer (a dropped connection)
+        self.hold_lists: threading.Event | None = None  # when set: listings wait for this event first
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -309,10 +312,20 @@ class VastStandin:
             status, answer = self._dispatch(h, method, path, query, body, kind)
             self.requests.append(RequestRecord(self.clock.now(), method, path, kind, status, query, body))
         data = json.dumps(answer).encode()
+        hold = self.hold_lists if kind == "list" else None
+        if hold is not None:
+            hold.wait(30)
+        with self._lock:
+            broken = kind == "list" and self.broken_lists > 0
+            self.broken_lists -= broken
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
+        if broken:  # half the answer, then the connection drops
+            h.wfile.write(data[: len(data) // 2])
+            h.close_connection = True
+            return
         h.wfile.write(data)
 
     def _dispatch(
@@ -501,7 +514,7 @@ class VastStandin:
             "ports": {},
             "ssh_host": "ssh4.vast.ai",
             "ssh_port": 30_000 + r.id % 1000,
-        }
+        } | self.row_overrides.get(r.id, {})
 
     def _list(self, query: dict) -> tuple[int, Any]:
         filters = json.loads(query.get("select_filters") or "{}")
