@@ -721,6 +721,9 @@ class TcpProxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
+            if self.cut:  # accepted while being cut: refuse it like the rest
+                client.close()
+                return
             upstream = socket.create_connection(self.target)
             self.socks += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -736,6 +739,9 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut = True
+        # close() alone would not wake the thread blocked in accept(): the socket would go on listening
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
         for sock in self.socks:
             with contextlib.suppress(OSError):
@@ -744,9 +750,10 @@ class TcpProxy:
 
 
 def test_a_worker_that_loses_its_database_ends_its_machine(
-    start_worker: Callable[..., WorkerProc], db_url: str, tmp_path: Path
+    start_worker: Callable[..., WorkerProc], client: Client, db_url: str, tmp_path: Path
 ) -> None:
     marker = tmp_path / "terminated"
+    client.record_tick()  # the manager is fine: only the lost database can end this worker
     info = conninfo_to_dict(db_url)
     proxy = TcpProxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
     try:
