@@ -95,6 +95,8 @@ def _tick_lock(client: Client) -> Connection | Literal[False]:
     another manager's tick, handed that same session, took it again."""
     conn = connect(client.url, client.settings, autocommit=False)
     try:
+        # The transaction sits idle for the whole tick: a server-wide idle timeout must not end it.
+        conn.execute("set local idle_in_transaction_session_timeout = 0")
         got = conn.execute("select pg_try_advisory_xact_lock(%s) as got", (TICK_LOCK,)).fetchone()
     except BaseException:
         conn.close()

@@ -204,3 +204,33 @@ def test_two_managers_through_a_transaction_pooler_never_tick_at_once(
     assert not tick(Manager(second, settings_for(), {}, Metrics())).skipped
     first.close()
     second.close()
+
+
+@pytest.mark.usefixtures("env")
+def test_the_tick_lock_outlives_an_idle_in_transaction_timeout(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Some databases end a transaction left idle this long; the lock's transaction is idle for the whole
+    # tick (a slow provider), and losing it would let a second manager tick at the same time.
+    dbname = db.conn.info.dbname
+    db.call(f"alter database {dbname} set idle_in_transaction_session_timeout = '300ms'")
+    standin.hold_lists = threading.Event()
+    first = Client.connect(db.url, db.settings)
+    ticking = threading.Thread(target=tick, args=(manager(first, vast),))
+    try:
+        ticking.start()
+        deadline = time.monotonic() + 10
+        while not standin.of_kind("list"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # well past the timeout, the first tick still in its listing
+        other = Client.connect(db.url, db.settings)
+        try:
+            assert tick(Manager(other, settings_for(), {}, Metrics())).skipped
+        finally:
+            other.close()
+    finally:
+        standin.hold_lists.set()
+        ticking.join(30)
+        first.close()
+        db.call(f"alter database {dbname} reset idle_in_transaction_session_timeout")
