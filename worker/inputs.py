@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -122,11 +122,7 @@ def fetch_input(
     """
     ref = ref.strip()
     try:
-        if _CONTROL.search(ref):
-            raise ValueError("control characters in it")
-        parts = urlsplit(ref)  # ValueError: "http://[::1/a"
-        if parts.scheme.lower() in ("http", "https"):
-            _check_host(parts.hostname)
+        parts = _split_checked(ref)
     except ValueError as e:
         raise JobError(ErrorCode.INPUT_INVALID, f"malformed input {ref[:200]!r}: {e}") from None
     scheme = parts.scheme.lower()
@@ -155,6 +151,17 @@ def fetch_input(
                 raise JobError(ErrorCode.INPUT_INVALID, f"cannot read {scheme}:// inputs: {e}") from e
         return found.get(ref, dest, max_bytes)
     raise JobError(ErrorCode.INPUT_INVALID, f"unsupported input URL scheme {scheme!r}: {ref[:80]}")
+
+
+def _split_checked(url: str) -> SplitResult:
+    """urlsplit, raising ValueError for what no retry could fetch: control characters, a malformed URL
+    ("http://[::1/a"), an http(s) host no resolver can look up. For a payload's ref and each redirect."""
+    if _CONTROL.search(url):
+        raise ValueError("control characters in it")
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("http", "https"):
+        _check_host(parts.hostname)
+    return parts
 
 
 def _check_host(host: str | None) -> None:
@@ -368,12 +375,7 @@ def _get(
         r.close()
         try:
             url = urljoin(url, r.headers["Location"])
-            parts = urlsplit(url)
-            scheme = parts.scheme.lower()
-            if _CONTROL.search(url):
-                raise ValueError("control characters in it")
-            if scheme in ("http", "https"):
-                _check_host(parts.hostname)
+            scheme = _split_checked(url).scheme.lower()
         except ValueError as e:
             raise JobError(ErrorCode.INPUT_INVALID, f"GET {shown}: malformed redirect: {e}") from None
         if scheme not in ("http", "https"):
