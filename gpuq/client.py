@@ -421,9 +421,7 @@ class Client:
         )
 
     def progress(self, job_id: int, attempt: int, percent: int, message: str | None = None) -> None:
-        self.call(
-            "select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, _storable(message))
-        )
+        self.call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
 
     def complete(self, job_id: int, attempt: int, result: dict[str, Any] | None = None) -> None:
         """Mark the attempt succeeded. Raises NotHeld if the lease passed and another took the job."""
@@ -456,7 +454,7 @@ class Client:
         """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
         rows = self.call(
             "select gpuq.fail_job(%s, %s, %s, %s, %s, %s) as s",
-            (job_id, attempt, str(error_code), _storable(message), retryable, _json(details)),
+            (job_id, attempt, str(error_code), message, retryable, _json(details)),
         )
         return str(rows[0]["s"])
 
