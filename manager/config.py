@@ -201,11 +201,12 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
 
     tick_seconds = env_float("GPUQ_MANAGER_TICK_SECONDS", 60.0)
     orphan_timeout = env_float("GPUQ_ORPHAN_TIMEOUT_SECONDS", 3600.0)
-    if orphan_timeout and orphan_timeout < max(600.0, 5 * tick_seconds):
-        # shorter, and a few slow or failed ticks would make healthy instances end themselves
+    # shorter, and a few slow or failed ticks would make healthy instances end themselves
+    shortest = max(600.0, 5 * tick_seconds)
+    if orphan_timeout and orphan_timeout < shortest:
         raise SystemExit(
             f"gpuq manager: GPUQ_ORPHAN_TIMEOUT_SECONDS must be 0 (off) or at least "
-            f"{max(600.0, 5 * tick_seconds):g} (600 s and 5 ticks), got {orphan_timeout:g}"
+            f"{shortest:g} (600 s and 5 ticks), got {orphan_timeout:g}"
         )
     metrics_file = os.environ.get("GPUQ_METRICS_FILE")
     port = env_int("GPUQ_MANAGER_METRICS_PORT", 0)

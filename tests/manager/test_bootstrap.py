@@ -91,12 +91,17 @@ def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path, **extra: str) ->
     return subprocess.Popen(["bash", str(SCRIPT)], env=env, start_new_session=True)
 
 
-def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -> None:
+def start_fake(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A PATH dir holding the fake python3, the workspace, and the fake's log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(FAKE_PYTHON)
     (bin_dir / "python3").chmod(0o755)
-    workspace, fake_log = tmp_path / "ws", tmp_path / "fake.log"
+    return bin_dir, tmp_path / "ws", tmp_path / "fake.log"
+
+
+def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -> None:
+    bin_dir, workspace, fake_log = start_fake(tmp_path)
     groups = []
     try:
         first = run_onstart(workspace, bin_dir, fake_log)
@@ -136,14 +141,6 @@ def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-
-
-def start_fake(tmp_path: Path) -> tuple[Path, Path, Path]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(FAKE_PYTHON)
-    (bin_dir / "python3").chmod(0o755)
-    return bin_dir, tmp_path / "ws", tmp_path / "fake.log"
 
 
 def terminate_cmd(tmp_path: Path, provider: str) -> str:
