@@ -558,7 +558,9 @@ class Worker:
             return
         self.metrics.heartbeats.labels("ok").inc()
         self._db_ok_at = time.monotonic()
-        if self.config.orphan_timeout_seconds:
+        timeout = self.config.orphan_timeout_seconds
+        if timeout and not held and time.monotonic() - self._last_active >= timeout:
+            # only then can the manager's silence matter: a busy worker does not ask every heartbeat
             try:
                 silence = db.call(lambda c: c.manager_silence_seconds())
             except (psycopg.Error, GpuqError) as exc:
