@@ -204,6 +204,49 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_enroll(args: argparse.Namespace, settings: Settings) -> int:
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    with open_client(settings) as client:
+        try:
+            instance_id, secret = client.enroll(
+                queues,
+                max_concurrency=args.concurrency,
+                vram_mb=args.vram_mb,
+                gpu_name=args.gpu_name,
+                valid_for_seconds=args.valid_for,
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise SystemExit(
+                "gpuq: this database login may not enroll instances (it needs gpuq_manager)"
+            ) from None
+    print(
+        f"instance {instance_id} serves {', '.join(queues)} ({args.concurrency} job(s) at once, "
+        f"{args.vram_mb} MB of VRAM)"
+        + (f", valid for {args.valid_for:g} s" if args.valid_for else "")
+        + ". Start its worker with this secret in its environment (shown once; gpuq keeps only its hash;"
+        " `gpuq revoke ID` ends it):",
+        file=sys.stderr,
+    )
+    print(f"GPUQ_INSTANCE_SECRET={secret}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    with open_client(settings) as client:
+        try:
+            n = int(
+                client.call("select gpuq.revoke_instance(%s, %s) as n", (args.instance_id, args.reason))[0][
+                    "n"
+                ]
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise SystemExit(
+                "gpuq: this database login may not revoke instances (it needs gpuq_manager)"
+            ) from None
+    print(f"instance {args.instance_id}: revoked; {n} job(s) back in the queue")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from manager.demo import run_demo  # Pillow and the providers: only the demo needs them here
 
@@ -266,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete finished jobs and their history older than a duration")
     p.add_argument("--older-than", type=parse_duration, default=7 * 86400.0, help="default 7d")
+
+    p = command(
+        "enroll",
+        cmd_enroll,
+        "make an instance for a worker started by hand, and print the secret its worker needs",
+    )
+    p.add_argument("--queues", required=True, help="queues the instance serves, comma-separated")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs it runs at once (default 1)")
+    p.add_argument("--vram-mb", type=int, default=0, help="its GPU memory: jobs needing more are not its")
+    p.add_argument("--gpu-name", help="its GPU, for the books")
+    p.add_argument(
+        "--valid-for", type=parse_duration, default=None, help="the secret expires after this, e.g. 30d"
+    )
+
+    p = command("revoke", cmd_revoke, "end an instance: its secret stops working, its jobs go back")
+    p.add_argument("instance_id", type=int)
+    p.add_argument("--reason", default="revoked by an operator")
 
     p = command("worker", worker_cli.run, "run a worker: claim jobs, run their backends, store outputs")
     worker_cli.add_arguments(p)

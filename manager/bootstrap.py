@@ -61,6 +61,7 @@ def instance_env(ms: ManagerSettings, queue: str, provider: str) -> dict[str, st
     env = {
         "GPUQ_QUEUES": f"{queue}={launch.backend}",  # the worker's queue=backend form
         "GPUQ_BACKENDS": launch.backend,  # what the bootstrap installs
+        "GPUQ_CONCURRENCY": f"{launch.backend}={launch.concurrency}",  # as record_rent tells the database
         "GPUQ_PROVIDER": provider,
         "GPUQ_INSTALL_SPEC": ms.install_spec,
     }

@@ -16,7 +16,8 @@ environment. Without a file the manager serves one queue, `default`, with local 
       }
     }
 
-Queue keys: provider, backend, image, disk_gb, workflows, env (extra instance env), the QueuePolicy
+Queue keys: provider, backend, image, disk_gb, workflows, env (extra instance env), concurrency (jobs an
+instance runs at once, default 1), the QueuePolicy
 fields (target_jobs_per_instance, target_utilisation, scale_in_utilisation, min_instances,
 max_instances, idle_timeout_s, windows, tz) and `offer` (the OfferFilter fields). Top-level keys:
 the PolicySettings fields except `queues`.
@@ -76,6 +77,11 @@ class QueueLaunch:
     disk_gb: int = 60
     workflows: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1  # jobs an instance runs at once: the database holds it to that
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 256:
+            raise SystemExit(f"gpuq manager: concurrency must be between 1 and 256, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,12 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
             lk["workflows"] = tuple(lk["workflows"])
         if "env" in lk:
             lk["env"] = {str(k): str(v) for k, v in lk["env"].items()}
+        if "concurrency" in lk and (
+            not isinstance(lk["concurrency"], int) or isinstance(lk["concurrency"], bool)
+        ):
+            raise SystemExit(
+                f"gpuq manager: queues.{name}.concurrency must be a whole number, got {lk['concurrency']!r}"
+            )
         launch[name] = QueueLaunch(**lk)
 
     top = _pick(PolicySettings, raw, "the configuration", {"queues"})

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gpuq.client import Client
+from tests.conftest import enroll
 
 ROOT = Path(__file__).parent.parent
 
@@ -46,14 +47,16 @@ def test_help_lists_every_command() -> None:
 
 def test_submit_wait_shows_progress_and_result(client: Client) -> None:
     env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
-    instance = client.register_instance("manual", None, queues=["cli"])
+    instance = enroll(client, ("cli",))
 
     def work() -> None:
-        while not (jobs := client.claim(instance, ["cli"], 1)):
+        while not (jobs := instance.claim(["cli"], 1)):
             time.sleep(0.05)
-        client.progress(jobs[0].id, jobs[0].attempt, 40, "denoising")
+        token = jobs[0].lease_token
+        assert token is not None
+        instance.progress(jobs[0].id, token, 40, "denoising")
         time.sleep(0.5)
-        client.complete(jobs[0].id, jobs[0].attempt, {"outputs": ["file:///tmp/out.png"]})
+        instance.complete(jobs[0].id, token, {"outputs": ["file:///tmp/out.png"]})
 
     thread = threading.Thread(target=work)
     thread.start()

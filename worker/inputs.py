@@ -81,11 +81,14 @@ def safe_name(name: str, default: str = "file") -> str:
     return name[-200:] or default
 
 
-def output_key(queue: str, job_id: int, name: str, now: datetime) -> str:
-    """The storage key of one output: "queue/YYYY-MM-DD/job_id/name", the date in UTC."""
+def output_key(queue: str, job_id: int, name: str, now: datetime, attempt: int | None = None) -> str:
+    """The storage key of one output: "queue/YYYY-MM-DD/job_id/name", the date in UTC; with the attempt,
+    "queue/YYYY-MM-DD/job_id/attempt/name", so that an attempt that lost its lease and still uploads
+    can never overwrite the output of the attempt that was accepted."""
     if now.tzinfo is not None:
         now = now.astimezone(UTC)
-    return f"{safe_name(queue, 'default')}/{now:%Y-%m-%d}/{job_id}/{safe_name(name, 'output')}"
+    job = f"{job_id}" if attempt is None else f"{job_id}/{attempt}"
+    return f"{safe_name(queue, 'default')}/{now:%Y-%m-%d}/{job}/{safe_name(name, 'output')}"
 
 
 def _unique_dest(dest_dir: Path, name: str) -> Path:
