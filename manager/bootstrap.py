@@ -163,21 +163,20 @@ NO_INSTALL_SOURCE = (
 _served: dict[tuple[str, str], str] = {}  # (storage or wheel URL, sha256) -> the URL a host fetches
 
 
-def install_env(ms: ManagerSettings, *, publish: bool = True) -> dict[str, str]:
-    """The variables onstart installs gpuq from; raises LaunchRefused. The first call in a process puts
-    the manager's wheel in storage (unless `publish` is false: then only the settings are checked) or
-    checks the configured URL serves the configured hash; later calls reuse the answer."""
+def install_env(ms: ManagerSettings, *, resolve: bool = True) -> dict[str, str]:
+    """The variables onstart installs gpuq from; raises LaunchRefused. With `resolve` (a rent), the first
+    call in a process puts the manager's wheel in storage, or checks that the configured URL serves the
+    configured hash, and later calls reuse the answer; without (the check at start, which a cron tick
+    runs every minute), only the settings are checked, and nothing is sent or fetched."""
     if ms.install_spec:
         return {"GPUQ_INSTALL_SPEC": ms.install_spec}
     if ms.install_url and ms.install_sha256:
-        return {
-            "GPUQ_INSTALL_URL": _check_served(ms.install_url, ms.install_sha256),
-            "GPUQ_INSTALL_SHA256": ms.install_sha256,
-        }
+        url = _check_served(ms.install_url, ms.install_sha256) if resolve else ms.install_url
+        return {"GPUQ_INSTALL_URL": url, "GPUQ_INSTALL_SHA256": ms.install_sha256}
     storage_url = ms.install_storage_url or ms.storage_url
     if not storage_url or urlsplit(storage_url).scheme not in ("s3", "supabase"):
         raise LaunchRefused(NO_INSTALL_SOURCE)
-    if not publish:
+    if not resolve:
         return {}
     url, sha = publish_wheel(storage_url)
     return {"GPUQ_INSTALL_URL": url, "GPUQ_INSTALL_SHA256": sha}

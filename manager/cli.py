@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "status":
             return _status(client, ms, args.days)
-        check_before_renting(ms, client, dry_run=args.dry_run)  # what rented hosts get: theirs, exact
+        check_before_renting(ms, client)  # what rented hosts would get: their own login, no secret
         manager = Manager(client, ms, build_providers(ms, url, settings), Metrics())
         if command == "tick":
             result = tick(manager, dry_run=args.dry_run)

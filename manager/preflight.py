@@ -66,9 +66,10 @@ def worker_login_problems(worker_url: str, client: Client) -> list[str]:
     return problems
 
 
-def check_before_renting(ms: ManagerSettings, client: Client, *, dry_run: bool = False) -> None:
+def check_before_renting(ms: ManagerSettings, client: Client) -> None:
     """Raise SystemExit naming what is wrong with what rented hosts would get; nothing to check when
-    every queue runs on local workers. A dry run checks the install settings without uploading."""
+    every queue runs on local workers. Writes nothing (a dry run runs it too): the first rent puts the
+    manager's wheel in storage and checks its URL (bootstrap.install_env)."""
     if all(q.provider == "local" for q in ms.launch.values()):
         return
     url = ms.worker_database_url
@@ -81,6 +82,6 @@ def check_before_renting(ms: ManagerSettings, client: Client, *, dry_run: bool =
             f"{WORKER_ROLE} and nothing more: {'; '.join(problems)}"
         )
     try:
-        install_env(ms, publish=not dry_run)
+        install_env(ms, resolve=False)
     except LaunchRefused as e:
         raise SystemExit(f"gpuq manager: {e}") from None

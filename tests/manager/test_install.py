@@ -261,12 +261,12 @@ def test_the_manager_publishes_only_to_public_unsigned_urls(
     # a directory on the manager's disk is no place a host can fetch from; nor is nowhere
     for storage in ("/srv/outputs", "file:///srv/outputs", None):
         ms = rented_settings(monkeypatch, **({"GPUQ_STORAGE_URL": storage} if storage else {}))
-        for publish in (True, False):  # a dry run checks the same without uploading
+        for resolve in (True, False):  # the check at start finds it too, sending nothing
             with pytest.raises(
                 LaunchRefused,
                 match="rented hosts must install exactly this gpuq: set GPUQ_INSTALL_STORAGE_URL",
             ):
-                install_env(ms, publish=publish)
+                install_env(ms, resolve=resolve)
 
 
 def test_the_manager_publishes_to_a_public_supabase_bucket(
@@ -298,8 +298,11 @@ def test_a_configured_wheel_url_must_serve_the_configured_hash(
     right = rented_settings(monkeypatch, GPUQ_INSTALL_URL=url, GPUQ_INSTALL_SHA256=wheel.sha256)
     assert install_env(right) == {"GPUQ_INSTALL_URL": url, "GPUQ_INSTALL_SHA256": wheel.sha256}
     wrong = rented_settings(monkeypatch, GPUQ_INSTALL_URL=url, GPUQ_INSTALL_SHA256="1" * 64)
+    fetched = len(_Files.requests)
+    install_env(wrong, resolve=False)  # the check at start (every cron tick) fetches nothing
+    assert len(_Files.requests) == fetched
     with pytest.raises(LaunchRefused, match=f"serves a file with sha256 {wheel.sha256}, not 1111"):
-        install_env(wrong)
+        install_env(wrong)  # a rent does, and refuses
 
 
 # --- models ---------------------------------------------------------------------------------------
