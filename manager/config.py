@@ -260,12 +260,19 @@ SECRET_NAMES = {
     "DATABASE_URL": "the manager's database login (hosts get GPUQ_WORKER_DATABASE_URL)",
     "SUPABASE_SERVICE_ROLE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SERVICE_KEY": "a Supabase service-role key, which bypasses row level security",
+    "SUPABASE_SECRET_KEY": "a Supabase secret key (sb_secret_…), which bypasses row level security",
     "AWS_ACCESS_KEY_ID": "the manager's AWS key",
     "AWS_SECRET_ACCESS_KEY": "the manager's AWS key",
     "AWS_SESSION_TOKEN": "the manager's AWS session",
 }
 # A queue's `env` may give hosts AWS keys of their own (values unlike the manager's), but never these.
-_NEVER_IN_QUEUE_ENV = ("VAST_API_KEY", "DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SERVICE_KEY")
+_NEVER_IN_QUEUE_ENV = (
+    "VAST_API_KEY",
+    "DATABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_SERVICE_KEY",
+    "SUPABASE_SECRET_KEY",
+)
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.(eyJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 _SHORT = 12  # a secret shorter than this is matched whole, not inside longer values
 
@@ -299,6 +306,8 @@ def secret_in(value: str, environ: Mapping[str, str]) -> str | None:
         return "the manager's database password"
     if any(_jwt_role(payload) == "service_role" for payload in _JWT.findall(value)):
         return "a Supabase service-role key (a JWT whose role is service_role)"
+    if "sb_secret_" in value:  # Supabase's new-style keys: sb_secret_… replaces service_role
+        return "a Supabase secret key (sb_secret_…)"
     return None
 
 

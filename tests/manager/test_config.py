@@ -150,6 +150,8 @@ def test_manager_secrets_named_in_gpuq_worker_env_are_refused(
         ({"DB": "host=db.example user=other password=0wner-Passw0rd"}, "the manager's database password"),
         # any Supabase service-role key, whatever it is called and whoever's it is
         ({"STORAGE_TOKEN": _jwt('{"role":"service_role","iss":"supabase"}')}, "a Supabase service-role key"),
+        ({"STORAGE_TOKEN": "sb_secret_0123456789abcdefghij"}, "a Supabase secret key (sb_secret_…)"),
+        ({"SUPABASE_SECRET_KEY": "sb_publishable_looks_harmless"}, "queues.q.env sets SUPABASE_SECRET_KEY"),
     ],
 )
 def test_queue_env_carrying_manager_secrets_is_refused(env: dict[str, str], needle: str) -> None:
