@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -54,6 +55,17 @@ def read_payload(text: str | None) -> dict[str, Any]:
     return payload
 
 
+# Terminal control characters (C0, DEL, C1) and the bidirectional overrides that reorder what is shown:
+# stored text (a worker's error or progress message) must not move the cursor, retitle the terminal or
+# hide what follows when printed. They are shown escaped instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """`text` fit for a terminal: each control character shown as its escape (\\x1b, \\n, \\u202e)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def fmt(value: object) -> str:
     if value is None:
         return "-"
@@ -65,7 +77,7 @@ def fmt(value: object) -> str:
         return f"{value:.3f}"
     if isinstance(value, dict | list):
         return json.dumps(value)
-    return str(value)
+    return clean(str(value))
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -88,7 +100,7 @@ def describe(job: Job) -> str:
         line += f" {job.progress_message}"
     if job.error_code:
         line += f" {job.error_code}: {job.error_message}"
-    return line
+    return clean(line)
 
 
 # --- commands -------------------------------------------------------------------------------------

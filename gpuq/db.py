@@ -16,9 +16,16 @@ log = logging.getLogger("gpuq.db")
 Connection = psycopg.Connection[dict[str, Any]]
 
 
+# URL form: scheme://user:PASSWORD@host, up to the last "@" (a password may hold one unencoded).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
+# Keyword (DSN) form, URL query parameters and PGPASSWORD: password=pw, password='a b', ?sslpassword=pw.
+_KEY_PASSWORD = re.compile(r"(\b(?:pg|ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """A database URL fit for logs: the password replaced."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A database URL or connection string fit for logs: every password replaced by ***, in the URL
+    form (`postgresql://user:pw@host/db`, `?password=pw`) and the keyword form (`host=h password=pw`)."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 def embedded_url(settings: Settings) -> str:

@@ -116,3 +116,36 @@ def test_embedded_postgres_is_the_default_without_database_url(tmp_path: Path) -
     listed = gpuq("list", env=env, timeout=180)
     assert job_id in listed.stdout and "demo" in listed.stdout
     assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()
+
+
+# A worker writes the text `gpuq show` and `submit --wait` print. Raw, this would retitle the terminal,
+# clear the screen and hide the rest of the line (and U+202E reverse what follows).
+HOSTILE = "boom\x1b]0;owned\x07\x1b[2J\x1b[8m hidden\x9b31m \u202eevil\r\nnext line"
+
+
+def test_stored_text_is_printed_without_terminal_control_characters(client: Client) -> None:
+    env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
+    instance = client.register_instance("manual", None, queues=["cli"])
+
+    def work() -> None:
+        while not (jobs := client.claim(instance, ["cli"], 1)):
+            time.sleep(0.05)
+        client.progress(jobs[0].id, jobs[0].attempt, 40, HOSTILE)
+        time.sleep(0.5)
+        client.fail(jobs[0].id, jobs[0].attempt, "INPUT_INVALID", HOSTILE)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    waited = gpuq("submit", "cli", "{}", "--wait", "--wait-timeout", "30s", env=env)
+    thread.join()
+    assert waited.returncode == 1
+    job_id = waited.stdout.splitlines()[0]
+    shown = gpuq("show", job_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    for out in (waited.stdout, shown.stdout):
+        assert not any(c in out for c in "\x1b\x07\x9b\u202e\r"), out
+        assert "boom\\x1b]0;owned\\x07\\x1b[2J\\x1b[8m hidden\\x9b31m \\u202eevil\\r\\nnext line" in out
+    assert "running 40% boom\\x1b" in waited.stdout  # the progress message too
+    # a message spans one line of the history table, not two
+    history = shown.stdout.split("history:")[1]
+    assert [line for line in history.splitlines() if "next line" in line and "boom" not in line] == []

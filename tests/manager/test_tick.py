@@ -46,6 +46,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPUQ_DEPLOYMENT", "test")
     monkeypatch.setenv("GPUQ_WORKER_DATABASE_URL", WORKER_URL)
+    monkeypatch.setenv("GPUQ_INSTALL_SPEC", "gpuq==0.1.0 --hash=sha256:" + "0" * 64)  # a pinned release
     monkeypatch.setenv("VAST_API_KEY", KEY)
 
 
