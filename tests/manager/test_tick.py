@@ -81,8 +81,8 @@ def recorded_rent(
     """A rent recorded as the manager records one (seeded here directly), and its worker, registered."""
     secret = new_secret()
     iid = db.call(
-        "select gpuq.record_rent('vast', %s, 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, %s::numeric, %s, "
-        "array['tryon'], %s, 2, %s) as id",
+        "select gpuq.record_rent('vast', %s, 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, "
+        "%s::numeric, %s, array['tryon'], %s, 2, %s) as id",
         (provider_id, dph, interruptible, reason, secret_hash(secret)),
     )[0]["id"]
     inst = db.as_instance(secret, iid)
