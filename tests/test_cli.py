@@ -125,14 +125,16 @@ HOSTILE = "boom\x1b]0;owned\x07\x1b[2J\x1b[8m hidden\x9b31m \u202eevil\r\nnext l
 
 def test_stored_text_is_printed_without_terminal_control_characters(client: Client) -> None:
     env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
-    instance = client.register_instance("manual", None, queues=["cli"])
+    instance = enroll(client, ("cli",))
 
     def work() -> None:
-        while not (jobs := client.claim(instance, ["cli"], 1)):
+        while not (jobs := instance.claim(["cli"], 1)):
             time.sleep(0.05)
-        client.progress(jobs[0].id, jobs[0].attempt, 40, HOSTILE)
+        token = jobs[0].lease_token
+        assert token is not None
+        instance.progress(jobs[0].id, token, 40, HOSTILE)
         time.sleep(0.5)
-        client.fail(jobs[0].id, jobs[0].attempt, "INPUT_INVALID", HOSTILE)
+        instance.fail(jobs[0].id, token, "INPUT_INVALID", HOSTILE)
 
     thread = threading.Thread(target=work)
     thread.start()
