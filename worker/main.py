@@ -261,6 +261,7 @@ class Worker:
                     n = main_db.call(lambda c: c.deregister(self._drain_reason or "worker exited"))
                     if n:
                         log.info("deregistered; %d job(s) handed back", n)
+                    self._forget_instance()
                 except Exception as exc:
                     log.error("deregister failed: %s (the manager's reconciliation will catch up)", exc)
             main_db.close()
@@ -367,6 +368,13 @@ class Worker:
             self.secret = fresh
             return reg
         raise NotAuthorized("no stored or given secret is accepted")
+
+    def _forget_instance(self) -> None:
+        """The instance has ended: its kept secret is dead and its outbox delivered; leave no files behind."""
+        if self.config.instance_secret:
+            SecretStore(self.config.state_dir, self.config.instance_secret).path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.outbox.directory.rmdir()  # only when empty: an undelivered outcome stays
 
     def _enroll_self(self, db: Db) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -151,6 +152,9 @@ def test_the_worker_replaces_its_secret_and_a_restart_takes_up_the_same_instance
     src = make_png(tmp_path / "in.png")
     job_id = client.enqueue("demo", {"image": str(src), "ops": [{"op": "invert"}]})
     assert wait_status(client, job_id, "succeeded").instance_id == first
+    again.signal(signal.SIGTERM)  # leaving for good: nothing of the instance is left on disk
+    assert again.wait(30) == 0
+    assert not list((tmp_path / "data" / "worker").iterdir())
 
 
 def test_a_worker_whose_instance_ends_stops_and_ends_its_machine(
