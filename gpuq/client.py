@@ -259,9 +259,9 @@ class Client:
         self.settings = settings
 
     @classmethod
-    def connect(cls, url: str, settings: Settings | None = None) -> Client:
+    def connect(cls, url: str, settings: Settings | None = None, *, application_name: str = "gpuq") -> Client:
         settings = settings or Settings.from_env()
-        return cls(connect(url, settings), url, settings)
+        return cls(connect(url, settings, application_name=application_name), url, settings)
 
     def close(self) -> None:
         self.conn.close()

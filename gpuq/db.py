@@ -45,7 +45,9 @@ def database_url(settings: Settings) -> str:
     return settings.database_url or embedded_url(settings)
 
 
-def connect(url: str, settings: Settings, *, autocommit: bool = True) -> Connection:
+def connect(
+    url: str, settings: Settings, *, autocommit: bool = True, application_name: str = "gpuq"
+) -> Connection:
     """One connection as gpuq uses them: autocommit (each SQL function is its own transaction), rows as
     dicts, and no prepared statements through a transaction pooler (they break there)."""
     conn = psycopg.connect(
@@ -53,6 +55,6 @@ def connect(url: str, settings: Settings, *, autocommit: bool = True) -> Connect
         autocommit=autocommit,
         row_factory=dict_row,
         prepare_threshold=None if settings.transaction_pooler else 5,
-        application_name="gpuq",
+        application_name=application_name,
     )
     return conn
