@@ -446,7 +446,7 @@ def _enforce_money_caps(plan: _Plan, live: list[InstanceView], avoided: frozense
         else:
             return
         plan.stop(inst, f"stop {inst.id}: {why}")
-        if inst.state in _STARTING:
+        if inst.state in _STARTING and s.shed_avoid_s > 0:
             # Shed before it was ready: renting its machine again at once would pay the boot again (and
             # a machine stuck loading would be rented and shed over and over, never reaching its timeout).
             age = _duration(_seconds(inst.created_at, plan.now))
@@ -649,42 +649,53 @@ def _make_room(
     in_use: set[str],
     taken: set[str],
 ) -> str | None:
-    """Stop one instance of the queue that has the most (two or more) when that lets this queue's
-    cheapest offer fit the caps; answers what was stopped, or None."""
+    """Stop instances of the queues that have the most (each keeps one) when that lets this queue's
+    cheapest offer fit the caps: one by one from the biggest queue, idle ones first, then booting, then
+    busy (drained). Stops nothing unless the rent then fits. Answers what was stopped, or None."""
     usable = _usable(w, offers, in_use, taken)
+    if not usable:
+        return None
+    offer = min(usable, key=lambda o: o.dph)
+    s = plan.settings
     pools: dict[str, list[InstanceView]] = {}
     for inst in live:
         if inst.id in plan.acted or inst.queue == w.snap.name:
             continue
         if inst.state in _STARTING or inst.state in (InstanceState.IDLE, InstanceState.BUSY):
             pools.setdefault(inst.queue, []).append(inst)
-    donors = sorted((q for q in pools if len(pools[q]) >= 2), key=lambda q: (-len(pools[q]), q))
-    if not usable or not donors:
-        return None
-    offer = min(usable, key=lambda o: o.dph)
     order = {InstanceState.IDLE: 0, InstanceState.REQUESTED: 1, InstanceState.BOOTING: 1}
-    donor = donors[0]
-    pool = sorted(pools[donor], key=lambda i: (2 if i.busy else order.get(i.state, 2), -i.dph, i.id))
-    inst = pool[0]
-    s = plan.settings
-    if plan.total_dph(stopping=False) - inst.dph + offer.dph > s.max_total_dph:
+    for pool in pools.values():
+        pool.sort(key=lambda i: (2 if i.busy else order.get(i.state, 2), -i.dph, i.id), reverse=True)
+    chosen: list[InstanceView] = []
+    saved = dict(plan.billing)
+    dph = plan.total_dph(stopping=False)
+    until = plan.queue_end(w.snap.name)
+    fits = False
+    while True:
+        donors = [q for q in pools if len(pools[q]) >= 2]
+        if not donors:
+            break
+        donor = max(donors, key=lambda q: (len(pools[q]), q))
+        inst = pools[donor].pop()  # the cheapest to lose: sorted last
+        chosen.append(inst)
+        dph -= inst.dph
+        # it bills until destroyed, or drained
+        stops = plan.now + timedelta(seconds=s.billing_lag_s + (s.drain_timeout_s if inst.busy else 0.0))
+        plan.bills(inst.id, inst.dph, min(stops, plan.billing[inst.id][1]))
+        plan.bills("rent:?", offer.dph, until)
+        fits = dph + offer.dph <= s.max_total_dph and plan.projected_spend() <= s.daily_budget
+        del plan.billing["rent:?"]
+        if fits:
+            break
+    plan.billing = saved
+    if not fits:
         return None
-    # The budget: it bills until destroyed (or drained), the rent until its queue's end.
-    stops_at = plan.now + timedelta(seconds=s.billing_lag_s + (s.drain_timeout_s if inst.busy else 0.0))
-    kept = plan.billing[inst.id]
-    plan.bills(inst.id, inst.dph, min(stops_at, kept[1]))
-    plan.bills("rent:?", offer.dph, plan.queue_end(w.snap.name))
-    projected = plan.projected_spend()
-    plan.bills(inst.id, *kept)
-    del plan.billing["rent:?"]
-    if projected > s.daily_budget:
-        return None
-    plan.stop(
-        inst,
-        f"stop {inst.id} of queue {donor} ({len(pool)} instances) to share the caps with queue "
-        f"{w.snap.name} ({w.status})",
-    )
-    return f"stopping {inst.id} of queue {donor}"
+    for inst in chosen:
+        plan.stop(
+            inst,
+            f"stop {inst.id} of queue {inst.queue} to share the caps with queue {w.snap.name} ({w.status})",
+        )
+    return "stopping " + ", ".join(f"{i.id} of queue {i.queue}" for i in chosen)
 
 
 class _Ranker:

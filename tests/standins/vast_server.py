@@ -212,6 +212,7 @@ class VastStandin:
         self.periodic_failures: list[tuple[int, int]] = []  # (n, status): every nth request answers status
         self.on_create: Callable[[Rental], None] | None = None  # called inside each create, before answering
         self.list_storage_fields = False  # listing rows carry storage_cost (unknown whether Vast's do)
+        self.search_overrides: dict[int, dict[str, Any]] = {}  # offer id -> fields its search row shows
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -491,6 +492,7 @@ class VastStandin:
                     "totalHour": round(gpu + disk_hour, 6),
                 }
             row["is_bid"] = offer_type == "bid"
+            row.update(self.search_overrides.get(offer["id"], {}))
             if all(_matches(row, key, cond) for key, cond in q.items() if key not in SEARCH_META_KEYS):
                 rows.append(row)
         for col, direction in reversed(q.get("order") or []):
@@ -700,6 +702,8 @@ class VastStandin:
             self.ghost_destroys -= 1
             return 200, {"success": True}
         r.destroyed_at = self.clock.now()
+        if r.offer_id in self.offers:
+            self.offers[r.offer_id]["rented"] = False  # the machine is free again: its offer is back
         return 200, {"success": True}
 
 
