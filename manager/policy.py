@@ -17,7 +17,7 @@ call it. Each tick it works through, in order:
    queue with the fewest instances first, each taking its offer cheapest per job that fits the caps. A
    queue with work and no instance that the caps leave out gets room made: one instance of the queue with
    the most (two or more) is stopped when that lets the first rent fit, so every queue with work makes
-   progress; when nothing can be done a `Hold` says why.
+   progress; a queue with work that gets nothing more has a `Hold` saying why.
 
 Instances needed, while any job is queued or running, = max(ceil((queued + running) / target jobs per
 instance), ceil(recent load / target utilisation)), clamped to [min, max]. The first term reacts to a
@@ -594,14 +594,18 @@ def _rent_fairly(
             w.got += 1
             if w.got >= w.count:
                 active.remove(w)
-    starved = [w for w in wants if w.got == 0 and w.have == 0 and w.snap.queued > 0]
-    starved.sort(key=lambda w: (-w.snap.oldest_wait_s, w.snap.name))
-    for w in starved:
+    # A queue with work that got nothing says why (a log that said "nothing to do" while a queue waited
+    # was no help); one with no instance at all first gets room made when the caps are what stops it.
+    waiting = [w for w in wants if w.got == 0 and w.snap.queued > 0]
+    waiting.sort(key=lambda w: (w.have > 0, -w.snap.oldest_wait_s, w.snap.name))
+    for w in waiting:
         why = w.blocked or "no offer"
-        room = _make_room(plan, w, live, offers, in_use, taken) if w.by_money else None
-        if room is not None:
-            why = f"{why}; making room: {room}"
-        plan.actions.append(Hold(w.snap.name, f"queue {w.snap.name} gets no instance: {w.status}; {why}"))
+        if w.have == 0 and w.by_money:
+            room = _make_room(plan, w, live, offers, in_use, taken)
+            if room is not None:
+                why = f"{why}; making room: {room}"
+        gets = "no instance" if w.have == 0 else "no more instances"
+        plan.actions.append(Hold(w.snap.name, f"queue {w.snap.name} gets {gets}: {w.status}; {why}"))
 
 
 def _usable(w: _Want, offers: list[Offer], in_use: set[str], taken: set[str]) -> list[Offer]:

@@ -92,6 +92,44 @@ def destroy_verified(
     return asked - pending, pending
 
 
+def _mark_up(
+    client: Client,
+    provider: str,
+    machine: str,
+    row: DbInstance,
+    listed: float,
+    markups: dict[str, float],
+    report: ReconcileReport,
+    dry_run: bool,
+) -> None:
+    """The machine bills more than its offer said: price its offers that much higher from now on.
+
+    Measured against the price it was rented at (its offer's, plus the machine's markup then, most likely
+    the one in force now), not the row's price, which follows the listings: a listing that dipped (a state
+    Vast prices differently) and came back must not read as a markup."""
+    rented = client.call("select gpuq.rented_dph(%s) as dph", (row.id,))[0]["dph"]
+    rented = row.dph if rented is None else float(rented)
+    if listed - rented <= MARKUP_MIN_DPH:
+        return
+    markup = round(listed - rented + markups.get(machine, 0.0), 6)
+    verb = "would " if dry_run else ""
+    report.say(
+        f"{verb}price machine {machine}'s offers ${markup:.4f}/h higher: instance {row.id} on it bills "
+        f"${listed:.4f}/h, rented at ${rented:.4f}/h"
+    )
+    report.markups[machine] = markup
+    if not dry_run:
+        client.call(
+            "select gpuq.record_machine_markup(%s, %s, %s::numeric, %s)",
+            (
+                provider,
+                machine,
+                markup,
+                f"instance {row.id} bills ${listed:.4f}/h, rented at ${rented:.4f}/h",
+            ),
+        )
+
+
 def reconcile(
     client: Client,
     providers: Mapping[str, Provider],
@@ -203,24 +241,7 @@ def _reconcile_provider(
                 )
             machine = p.machine_id or row.view.machine_id
             if machine and p.dph - row.dph > MARKUP_MIN_DPH:
-                # It was rented at its offer's price plus the machine's markup then (most likely the one
-                # in force now): the machine bills the difference more than its offers say.
-                markup = round(p.dph - row.dph + markups.get(machine, 0.0), 6)
-                report.say(
-                    f"{verb}price machine {machine}'s offers ${markup:.4f}/h higher: instance {row.id} on it "
-                    f"bills ${p.dph:.4f}/h, rented at ${row.dph:.4f}/h"
-                )
-                report.markups[machine] = markup
-                if not dry_run:
-                    client.call(
-                        "select gpuq.record_machine_markup(%s, %s, %s::numeric, %s)",
-                        (
-                            name,
-                            machine,
-                            markup,
-                            f"instance {row.id} bills ${p.dph:.4f}/h, rented at ${row.dph:.4f}/h",
-                        ),
-                    )
+                _mark_up(client, name, machine, row, p.dph, markups, report, dry_run)
 
     for pid, row in live.items():
         if pid in shown:

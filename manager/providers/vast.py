@@ -306,6 +306,8 @@ class VastProvider:
 
     def _warn_once(self, row: dict[str, Any], what: str) -> None:
         key = str(row.get("id"))
+        if len(self._warned) > 10_000:  # a manager that runs for months sees many offers
+            self._warned.clear()
         if key not in self._warned:
             self._warned.add(key)
             log.warning("vast: offer %s: %s", key, what)
@@ -493,6 +495,7 @@ class VastProvider:
         return _round_up(cost * disk / HOURS_PER_MONTH) if math.isfinite(cost * disk) else None
 
     def destroy(self, provider_id: str) -> None:
+        self._storage.pop(provider_id, None)
         try:
             answer = self._call("destroy", lambda: self._sdk.destroy_instance(id=int(provider_id)))
         except _HTTPFailure as e:

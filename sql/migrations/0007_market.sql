@@ -15,9 +15,10 @@
 -- A state change is seen at the next tick, so a segment boundary lags it by up to a tick interval.
 -- instances.dph stays the full price: it is what the caps commit to, whatever the state now.
 --
--- Machine markups. When a listing shows an instance billing more than it was rented at, the machine's
--- offers are priced that much higher from then on (gpuq.machine_markups()), so the caps that shed the
--- instance do not see the next offer on that machine at the old price and rent it again.
+-- Machine markups. When a listing shows an instance billing more than it was rented at (rented_dph(), not
+-- instances.dph, which follows the listings), the machine's offers are priced that much higher from then
+-- on (gpuq.machine_markups()), so the caps that shed the instance do not see the next offer on that machine
+-- at the old price and rent it again.
 
 alter table gpuq.instances
     add column storage_dph numeric(12, 6)
@@ -119,6 +120,16 @@ begin
        set markup_dph = excluded.markup_dph, reason = excluded.reason, at = now(), until = excluded.until;
 end $$;
 
+-- The price an instance was rented at (what its offer said, markup included): a listing above it means
+-- the machine bills more than its offers say. (instances.dph follows the listings; this does not.)
+create function gpuq.rented_dph(p_instance_id bigint) returns numeric
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    select e.dph from gpuq.instance_events e
+     where e.instance_id = p_instance_id and e.event = 'rented'
+     order by e.at, e.id
+     limit 1
+$$;
+
 create function gpuq.machine_markups()
 returns table (provider text, machine_id text, markup_dph numeric)
 language sql stable security definer set search_path = pg_catalog, pg_temp as $$
@@ -171,6 +182,7 @@ revoke execute on function
     gpuq.record_storage_dph(text, text, numeric),
     gpuq.record_billing_state(bigint, text, numeric, text),
     gpuq.record_machine_markup(text, text, numeric, text, interval),
+    gpuq.rented_dph(bigint),
     gpuq.machine_markups()
 from public;
 
@@ -188,6 +200,7 @@ begin
             gpuq.record_storage_dph(text, text, numeric),
             gpuq.record_billing_state(bigint, text, numeric, text),
             gpuq.record_machine_markup(text, text, numeric, text, interval),
+            gpuq.rented_dph(bigint),
             gpuq.machine_markups()
         to gpuq_manager;
     end if;

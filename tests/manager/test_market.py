@@ -372,9 +372,10 @@ def test_a_starved_queue_gets_room_made_and_says_why_until_then(
 
     enqueue(db, 10, queue="od")
     made = tick(m)
-    holds = [a.reason for a in made.actions if isinstance(a, Hold)]
-    assert len(holds) == 1 and holds[0].startswith("queue od gets no instance: 10 queued")
-    assert "is over the total cap" in holds[0] and "making room: stopping" in holds[0]
+    holds = {a.queue: a.reason for a in made.actions if isinstance(a, Hold)}
+    assert holds["od"].startswith("queue od gets no instance: 10 queued")
+    assert "is over the total cap" in holds["od"] and "making room: stopping" in holds["od"]
+    assert holds["bid"].startswith("queue bid gets no more instances: ")  # it wants four, has three
     assert any(line.startswith("queue od gets no instance") for line in made.lines)  # logged
     for _ in range(2):
         tick(m)
@@ -405,3 +406,22 @@ def _queue(**offer: Any) -> dict[str, Any]:
         "idle_timeout_s": 600,
         "offer": {"gpu_names": ["RTX 4090"], "interruptible": True, **offer},
     }
+
+
+@pytest.mark.usefixtures("env")
+def test_a_listing_that_dips_and_comes_back_is_no_markup(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Whether Vast lists a loading or stopped instance at another price cannot be checked from here: a
+    # listing below the rent and back up again must not price the machine above its offers.
+    standin.add_offer(min_bid=0.20, machine_id=501)
+    enqueue(db, 1)
+    m = manager(db, vast)
+    (rented,) = tick(m).rented
+    pid = int(rented.split(":", 1)[1])
+    standin.row_overrides[pid] = {"dph_total": STORAGE_60GB}  # storage alone, say, while it loads
+    assert tick(m).reconcile.price_changes
+    del standin.row_overrides[pid]
+    back = tick(m)
+    assert back.reconcile.price_changes and back.reconcile.markups == {}
+    assert rows(db, "select * from gpuq.machine_markups()") == []

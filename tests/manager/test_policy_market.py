@@ -139,10 +139,20 @@ def test_hold_says_why_when_no_offer_fits_or_the_window_is_closing() -> None:
     assert hold.reason.endswith("its allowed hours close in 10 min")
 
 
-def test_no_hold_for_a_queue_that_is_served_or_has_no_work() -> None:
+def test_a_served_queue_that_gets_no_more_says_why_and_one_without_work_says_nothing() -> None:
     assert holds(run(queues(0, 0), [], A_OFFERS, two())) == []
     fleet = [inst("i1", S.BUSY, queue="b", dph=0.35, running=2)]
-    assert holds(run(queues(0, 8), fleet, [], two())) == []  # wants more, has one: served
+    (hold,) = holds(run(queues(0, 8), fleet, [], two()))  # wants four, has one
+    assert hold.reason == (
+        "queue b gets no more instances: 8 queued, 0 running, 1 instance(s), need 4; "
+        "no offer matches its filter"
+    )
+    # nothing is stopped to make room for a queue that has an instance
+    fleet += [inst(f"a{n}", S.IDLE, queue="a", dph=0.2) for n in range(2)]
+    actions = run(queues(0, 8), fleet, B_OFFERS, two(max_total_dph=0.8))
+    assert not [a for a in actions if isinstance(a, Destroy | Drain)]
+    (hold,) = holds(actions)
+    assert "gets no more instances" in hold.reason and "total cap" in hold.reason
 
 
 @PROPS

@@ -551,6 +551,7 @@ class VastStandin:
             }
             rental.running_from = None
             rental.scheduled = None
+            self.peak_committed = max(self.peak_committed, sum(r.committed() for r in self.rentals.values()))
             return 400, {
                 "success": False,
                 "error": "invalid_price",
