@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -54,6 +55,17 @@ def read_payload(text: str | None) -> dict[str, Any]:
     return payload
 
 
+# Terminal control characters (C0, DEL, C1) and the bidirectional overrides that reorder what is shown:
+# stored text (a worker's error or progress message) must not move the cursor, retitle the terminal or
+# hide what follows when printed. They are shown escaped instead.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """`text` fit for a terminal: each control character shown as its escape (\\x1b, \\n, \\u202e)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def fmt(value: object) -> str:
     if value is None:
         return "-"
@@ -65,7 +77,7 @@ def fmt(value: object) -> str:
         return f"{value:.3f}"
     if isinstance(value, dict | list):
         return json.dumps(value)
-    return str(value)
+    return clean(str(value))
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -88,7 +100,7 @@ def describe(job: Job) -> str:
         line += f" {job.progress_message}"
     if job.error_code:
         line += f" {job.error_code}: {job.error_message}"
-    return line
+    return clean(line)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -204,6 +216,49 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_enroll(args: argparse.Namespace, settings: Settings) -> int:
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    with open_client(settings) as client:
+        try:
+            instance_id, secret = client.enroll(
+                queues,
+                max_concurrency=args.concurrency,
+                vram_mb=args.vram_mb,
+                gpu_name=args.gpu_name,
+                valid_for_seconds=args.valid_for,
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise SystemExit(
+                "gpuq: this database login may not enroll instances (it needs gpuq_manager)"
+            ) from None
+    print(
+        f"instance {instance_id} serves {', '.join(queues)} ({args.concurrency} job(s) at once, "
+        f"{args.vram_mb} MB of VRAM)"
+        + (f", valid for {args.valid_for:g} s" if args.valid_for else "")
+        + ". Start its worker with this secret in its environment (shown once; gpuq keeps only its hash;"
+        " `gpuq revoke ID` ends it):",
+        file=sys.stderr,
+    )
+    print(f"GPUQ_INSTANCE_SECRET={secret}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    with open_client(settings) as client:
+        try:
+            n = int(
+                client.call("select gpuq.revoke_instance(%s, %s) as n", (args.instance_id, args.reason))[0][
+                    "n"
+                ]
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise SystemExit(
+                "gpuq: this database login may not revoke instances (it needs gpuq_manager)"
+            ) from None
+    print(f"instance {args.instance_id}: revoked; {n} job(s) back in the queue")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from manager.demo import run_demo  # Pillow and the providers: only the demo needs them here
 
@@ -266,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune", cmd_prune, "delete finished jobs and their history older than a duration")
     p.add_argument("--older-than", type=parse_duration, default=7 * 86400.0, help="default 7d")
+
+    p = command(
+        "enroll",
+        cmd_enroll,
+        "make an instance for a worker started by hand, and print the secret its worker needs",
+    )
+    p.add_argument("--queues", required=True, help="queues the instance serves, comma-separated")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs it runs at once (default 1)")
+    p.add_argument("--vram-mb", type=int, default=0, help="its GPU memory: jobs needing more are not its")
+    p.add_argument("--gpu-name", help="its GPU, for the books")
+    p.add_argument(
+        "--valid-for", type=parse_duration, default=None, help="the secret expires after this, e.g. 30d"
+    )
+
+    p = command("revoke", cmd_revoke, "end an instance: its secret stops working, its jobs go back")
+    p.add_argument("instance_id", type=int)
+    p.add_argument("--reason", default="revoked by an operator")
 
     p = command("worker", worker_cli.run, "run a worker: claim jobs, run their backends, store outputs")
     worker_cli.add_arguments(p)

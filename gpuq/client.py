@@ -6,14 +6,17 @@ waiting (LISTEN with a polling fallback); it decides nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -44,13 +47,19 @@ class JobNotFound(GpuqError):
 
 
 class NotHeld(GpuqError):
-    """The worker no longer holds that (job_id, attempt): its lease passed and another took the job."""
+    """This instance does not hold that job under that lease token (its lease passed, it was released, or
+    it was never this instance's)."""
+
+
+class NotAuthorized(GpuqError):
+    """The instance secret is unknown, expired or revoked: the instance ended, or never existed."""
 
 
 _BY_SQLSTATE: dict[str, type[GpuqError]] = {
     "GQ400": InvalidRequest,
     "GQ404": JobNotFound,
     "GQ409": NotHeld,
+    "GQ401": NotAuthorized,
     "23514": InvalidRequest,  # check_violation: the constraint's name says what is wrong
     "23502": InvalidRequest,  # not_null_violation
     "23505": InvalidRequest,  # unique_violation: e.g. a live job with that idempotency key
@@ -103,6 +112,7 @@ class Job:
     error_code: str | None
     error_message: str | None
     created_at: datetime
+    lease_token: UUID | None  # issued by each claim; the holder presents it with every report
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -124,13 +134,41 @@ JOB_COLUMNS = tuple(f.name for f in fields(Job))
 JOB_SELECT = ", ".join("status::text" if name == "status" else name for name in JOB_COLUMNS)
 
 
+Held = tuple[int, UUID]  # (job_id, lease_token): a job this instance holds
+
+
 @dataclass(frozen=True)
 class HeartbeatReply:
-    cancel: list[tuple[int, int]]  # (job_id, attempt): cancellation requested
-    timeout: list[tuple[int, int]]  # ran past its timeout
-    lost: list[tuple[int, int]]  # no longer held by this worker
+    cancel: list[Held]  # cancellation requested
+    timeout: list[Held]  # ran past its timeout
+    lost: list[Held]  # not held by this instance under that token
     drain: bool  # claim nothing more
-    shutdown: bool  # the instance is terminated or lost
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the manager set for an instance, as register_instance answers it."""
+
+    instance_id: int
+    provider: str
+    queues: tuple[str, ...]
+    max_concurrency: int
+    vram_mb: int
+    min_lease_seconds: int
+    max_lease_seconds: int
+
+
+SECRET_PREFIX = "gpuqi_"
+
+
+def new_secret() -> str:
+    """A new instance secret: 256 random bits. Only its hash is stored."""
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> bytes:
+    """The sha256 the database keeps of an instance secret (the same as SQL's sha256(convert_to(…)))."""
+    return hashlib.sha256(secret.encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -221,9 +259,9 @@ class Client:
         self.settings = settings
 
     @classmethod
-    def connect(cls, url: str, settings: Settings | None = None) -> Client:
+    def connect(cls, url: str, settings: Settings | None = None, *, application_name: str = "gpuq") -> Client:
         settings = settings or Settings.from_env()
-        return cls(connect(url, settings), url, settings)
+        return cls(connect(url, settings, application_name=application_name), url, settings)
 
     def close(self) -> None:
         self.conn.close()
@@ -336,144 +374,48 @@ class Client:
         finally:
             listener.close()
 
-    # --- workers ----------------------------------------------------------------------------------
+    # --- instances (the manager's and operators' side) ------------------------------------------------
 
-    def register_instance(
-        self,
-        provider: str,
-        provider_instance_id: str | None = None,
-        *,
-        gpu_name: str | None = None,
-        gpu_count: int | None = None,
-        vram_mb: int | None = None,
-        queues: Sequence[str] = (),
-        backends: Sequence[str] = (),
-        max_concurrency: int = 1,
-        version: str | None = None,
-        hostname: str | None = None,
-    ) -> int:
-        rows = self.call(
-            "select gpuq.register_instance(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) as id",
-            (
-                provider,
-                provider_instance_id,
-                gpu_name,
-                gpu_count,
-                vram_mb,
-                list(queues),
-                list(backends),
-                max_concurrency,
-                version,
-                hostname,
-            ),
-        )
-        return int(rows[0]["id"])
+    def as_instance(self, secret: str, instance_id: int | None = None) -> InstanceClient:
+        """The worker API on this connection, acting as the instance that secret belongs to."""
+        return InstanceClient(self, secret, instance_id)
 
-    def claim(
+    def enroll(
         self,
-        instance_id: int,
         queues: Sequence[str],
-        limit: int = 1,
         *,
-        vram_mb: int | None = None,
-        lease_seconds: int | None = None,
-    ) -> list[Job]:
-        # tuples in binary (no dict per row, no text parsing of the timestamps), sorted by the server
-        with sql_errors(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            rows = cur.execute(
-                f"select {JOB_SELECT} from gpuq.claim_jobs(%s, %s, %s, %s, %s) "
-                "order by priority desc, run_after, id",
-                (instance_id, list(queues), limit, vram_mb, lease_seconds or self.settings.lease_seconds),
-            ).fetchall()
-        return [Job.from_tuple(r) for r in rows]
-
-    def heartbeat(
-        self,
-        instance_id: int,
-        held: Sequence[tuple[int, int]] = (),
-        metrics: dict[str, Any] | None = None,
-        *,
-        lease_seconds: int | None = None,
-    ) -> HeartbeatReply:
+        max_concurrency: int = 1,
+        vram_mb: int = 0,
+        gpu_name: str | None = None,
+        provider: str = "manual",
+        valid_for_seconds: float | None = None,
+        label: str | None = None,
+    ) -> tuple[int, str]:
+        """An instance for a worker started by hand: answers its id and its secret (shown only now; the
+        database keeps its hash). Needs the manager's rights."""
+        secret = new_secret()
         rows = self.call(
-            "select * from gpuq.heartbeat(%s, %s, %s, %s, %s)",
+            "select gpuq.enroll_instance(%s, %s, %s, %s, %s, %s, make_interval(secs => %s), %s) as id",
             (
-                instance_id,
-                [j for j, _ in held],
-                [a for _, a in held],
-                _json(metrics),
-                lease_seconds or self.settings.lease_seconds,
+                secret_hash(secret),
+                list(queues),
+                max_concurrency,
+                vram_mb,
+                gpu_name,
+                provider,
+                valid_for_seconds,
+                label,
             ),
         )
-        by_action: dict[str, list[tuple[int, int]]] = {"cancel": [], "timeout": [], "lost": []}
-        flags = set()
-        for row in rows:
-            if row["job_id"] is None:
-                flags.add(row["action"])
-            else:
-                by_action[row["action"]].append((int(row["job_id"]), int(row["attempt"])))
-        return HeartbeatReply(
-            cancel=by_action["cancel"],
-            timeout=by_action["timeout"],
-            lost=by_action["lost"],
-            drain="drain" in flags,
-            shutdown="shutdown" in flags,
-        )
+        return int(rows[0]["id"]), secret
 
-    def progress(self, job_id: int, attempt: int, percent: int, message: str | None = None) -> None:
-        self.call("select gpuq.report_progress(%s, %s, %s, %s)", (job_id, attempt, percent, message))
-
-    def complete(self, job_id: int, attempt: int, result: dict[str, Any] | None = None) -> None:
-        """Mark the attempt succeeded. Raises NotHeld if the lease passed and another took the job."""
-        self.call("select gpuq.complete_job(%s, %s, %s)", (job_id, attempt, _json(result or {})))
-
-    def complete_many(self, done: Sequence[tuple[int, int, dict[str, Any] | None]]) -> list[int]:
-        """Complete several attempts in one transaction; answers the job ids no longer held."""
-        results = [None if r is None else json.dumps(_storable(r)) for _, _, r in done]
-        rows = self.call(
-            # only the ones not completed come back: normally none
-            "select job_id from gpuq.complete_jobs(%s, %s, %s::jsonb[]) where not completed",
-            (
-                [j for j, _, _ in done],
-                [a for _, a, _ in done],
-                None if all(r is None for r in results) else results,  # null: every result is {}
-            ),
-        )
-        return [int(r["job_id"]) for r in rows]
-
-    def fail(
-        self,
-        job_id: int,
-        attempt: int,
-        error_code: str,
-        message: str,
-        *,
-        retryable: bool | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> str:
-        """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
-        rows = self.call(
-            "select gpuq.fail_job(%s, %s, %s, %s, %s, %s) as s",
-            (job_id, attempt, str(error_code), message, retryable, _json(details)),
-        )
-        return str(rows[0]["s"])
-
-    def release(self, instance_id: int, job_ids: Sequence[int] | None = None) -> int:
-        rows = self.call(
-            "select gpuq.release_jobs(%s, %s) as n", (instance_id, None if job_ids is None else list(job_ids))
-        )
-        return int(rows[0]["n"])
+    def release_instance_jobs(self, instance_id: int) -> int:
+        """Hand every job an instance holds back to the queue (the manager, before a destroy)."""
+        return int(self.call("select gpuq.release_instance_jobs(%s) as n", (instance_id,))[0]["n"])
 
     def drain_instance(self, instance_id: int, reason: str | None = None) -> None:
+        """The manager asks an instance to drain: it claims nothing more."""
         self.call("select gpuq.drain_instance(%s, %s)", (instance_id, reason))
-
-    def deregister_instance(self, instance_id: int, reason: str = "worker exited") -> int:
-        return int(self.call("select gpuq.deregister_instance(%s, %s) as n", (instance_id, reason))[0]["n"])
-
-    def manager_silence_seconds(self) -> float | None:
-        """Seconds since a manager last ticked here (None: never): a rented worker's orphan check."""
-        value = self.call("select gpuq.manager_silence_seconds() as s")[0]["s"]
-        return None if value is None else float(value)
 
     # --- operators --------------------------------------------------------------------------------
 
@@ -517,3 +459,150 @@ def open_client(settings: Settings) -> Client:
         client.close()
         raise SystemExit(f"gpuq: {redact(url)} has no gpuq schema yet; run `gpuq migrate` first")
     return client
+
+
+class InstanceClient:
+    """gpuq's worker API, acting as one instance: every call presents that instance's secret, and the
+    database acts for that instance only, on the jobs it holds under their lease tokens."""
+
+    def __init__(self, client: Client, secret: str, instance_id: int | None = None) -> None:
+        self.client = client
+        self.secret = secret
+        self.settings = client.settings
+        self.instance_id = instance_id  # known once registered (or when the enrolling caller says)
+
+    def call(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """client.call with the secret as the first parameter."""
+        return self.client.call(sql, (self.secret, *params))
+
+    def register(
+        self,
+        *,
+        gpu_name: str | None = None,
+        gpu_count: int | None = None,
+        vram_mb: int | None = None,
+        version: str | None = None,
+        hostname: str | None = None,
+        new_secret_hash: bytes | None = None,
+    ) -> Registration:
+        """The instance is ready; answers what the manager set for it. With new_secret_hash the secret
+        is replaced (this object's secret is then stale: use the new one)."""
+        [row] = self.call(
+            "select * from gpuq.register_instance(%s, %s, %s, %s, %s, %s, %s)",
+            (gpu_name, gpu_count, vram_mb, version, hostname, new_secret_hash),
+        )
+        self.instance_id = int(row["instance_id"])
+        return Registration(
+            instance_id=int(row["instance_id"]),
+            provider=row["provider"],
+            queues=tuple(row["queues"]),
+            max_concurrency=int(row["max_concurrency"]),
+            vram_mb=int(row["vram_mb"]),
+            min_lease_seconds=int(row["min_lease_seconds"]),
+            max_lease_seconds=int(row["max_lease_seconds"]),
+        )
+
+    def claim(
+        self, queues: Sequence[str] | None = None, limit: int = 1, *, lease_seconds: int | None = None
+    ) -> list[Job]:
+        """Up to `limit` jobs from those of `queues` the instance serves (None: all it serves)."""
+        # tuples in binary (no dict per row, no text parsing of the timestamps), sorted by the server
+        with sql_errors(), self.client.conn.cursor(row_factory=tuple_row, binary=True) as cur:
+            rows = cur.execute(
+                f"select {JOB_SELECT} from gpuq.claim_jobs(%s, %s, %s, %s) "
+                "order by priority desc, run_after, id",
+                (
+                    self.secret,
+                    None if queues is None else list(queues),
+                    limit,
+                    lease_seconds or self.settings.lease_seconds,
+                ),
+            ).fetchall()
+        return [Job.from_tuple(r) for r in rows]
+
+    def heartbeat(
+        self,
+        held: Sequence[Held] = (),
+        metrics: dict[str, Any] | None = None,
+        *,
+        lease_seconds: int | None = None,
+    ) -> HeartbeatReply:
+        """Extend the leases of the jobs named (every job this worker holds: one it does not name goes
+        back to the queue) and hear what to do."""
+        rows = self.call(
+            "select * from gpuq.heartbeat(%s, %s, %s::uuid[], %s, %s)",
+            (
+                [j for j, _ in held],
+                [t for _, t in held],
+                _json(metrics),
+                lease_seconds or self.settings.lease_seconds,
+            ),
+        )
+        by_action: dict[str, list[Held]] = {"cancel": [], "timeout": [], "lost": []}
+        drain = False
+        for row in rows:
+            if row["job_id"] is None:
+                drain = drain or row["action"] == "drain"
+            else:
+                by_action[row["action"]].append((int(row["job_id"]), row["lease_token"]))
+        return HeartbeatReply(
+            cancel=by_action["cancel"], timeout=by_action["timeout"], lost=by_action["lost"], drain=drain
+        )
+
+    def progress(self, job_id: int, token: UUID, percent: int, message: str | None = None) -> None:
+        self.call("select gpuq.report_progress(%s, %s, %s, %s, %s)", (job_id, token, percent, message))
+
+    def complete(self, job_id: int, token: UUID, result: dict[str, Any] | None = None) -> None:
+        """Mark the attempt succeeded (again, harmlessly, after a lost reply). Raises NotHeld if this
+        instance does not hold the job under that token."""
+        self.call("select gpuq.complete_job(%s, %s, %s, %s)", (job_id, token, _json(result or {})))
+
+    def complete_many(self, done: Sequence[tuple[int, UUID, dict[str, Any] | None]]) -> list[int]:
+        """Complete several attempts in one transaction; answers the job ids not held."""
+        results = [None if r is None else json.dumps(_storable(r)) for _, _, r in done]
+        rows = self.call(
+            # only the ones not completed come back: normally none
+            "select job_id from gpuq.complete_jobs(%s, %s, %s::uuid[], %s::jsonb[]) where not completed",
+            (
+                [j for j, _, _ in done],
+                [t for _, t, _ in done],
+                None if all(r is None for r in results) else results,  # null: every result is {}
+            ),
+        )
+        return [int(r["job_id"]) for r in rows]
+
+    def fail(
+        self,
+        job_id: int,
+        token: UUID,
+        error_code: str,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> str:
+        """Fail the attempt; answers the job's new status (queued again for a retry, failed, cancelled)."""
+        rows = self.call(
+            "select gpuq.fail_job(%s, %s, %s, %s, %s, %s, %s) as s",
+            (job_id, token, str(error_code), message, retryable, _json(details)),
+        )
+        return str(rows[0]["s"])
+
+    def release(self, held: Sequence[Held]) -> int:
+        """Hand these jobs back to the queue (a draining worker); answers how many went back."""
+        rows = self.call(
+            "select gpuq.release_jobs(%s, %s, %s::uuid[]) as n", ([j for j, _ in held], [t for _, t in held])
+        )
+        return int(rows[0]["n"])
+
+    def request_drain(self, reason: str | None = None) -> None:
+        self.call("select gpuq.request_drain(%s, %s)", (reason,))
+
+    def deregister(self, reason: str = "worker exited") -> int:
+        """Leave for good: hand back what is held and give up the secret. Answers the jobs handed back."""
+        return int(self.call("select gpuq.deregister_instance(%s, %s) as n", (reason,))[0]["n"])
+
+    def manager_silence_seconds(self) -> float | None:
+        """Seconds since a manager last ticked here (None: never): a rented worker's orphan check."""
+        value = self.call("select gpuq.manager_silence_seconds(%s) as s")[0]["s"]
+        return None if value is None else float(value)

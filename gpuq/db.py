@@ -99,9 +99,16 @@ class _Watchdog:
             raise DatabaseTimeout(f"the database did not answer within {self.seconds:g} s") from exc
 
 
+# URL form: scheme://user:PASSWORD@host, up to the last "@" (a password may hold one unencoded).
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
+# Keyword (DSN) form, URL query parameters and PGPASSWORD: password=pw, password='a b', ?sslpassword=pw.
+_KEY_PASSWORD = re.compile(r"(\b(?:pg|ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """A database URL fit for logs: the password replaced."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A database URL or connection string fit for logs: every password replaced by ***, in the URL
+    form (`postgresql://user:pw@host/db`, `?password=pw`) and the keyword form (`host=h password=pw`)."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 def embedded_url(settings: Settings) -> str:
@@ -137,7 +144,12 @@ def _network_settings(url: str, timeout_s: float | None) -> dict[str, Any]:
 
 
 def connect(
-    url: str, settings: Settings, *, autocommit: bool = True, timeout_s: float | None = None
+    url: str,
+    settings: Settings,
+    *,
+    autocommit: bool = True,
+    timeout_s: float | None = None,
+    application_name: str = "gpuq",
 ) -> Connection:
     """One connection as gpuq uses them: autocommit (each SQL function is its own transaction), rows as
     dicts, and no prepared statements through a transaction pooler (they break there). `timeout_s`: the
@@ -147,7 +159,7 @@ def connect(
         autocommit=autocommit,
         row_factory=dict_row,
         prepare_threshold=None if settings.transaction_pooler else 5,
-        application_name="gpuq",
+        application_name=application_name,
         **_network_settings(url, timeout_s),
     )
     if timeout_s is not None:

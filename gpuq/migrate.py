@@ -78,4 +78,28 @@ def migrate(conn: Connection, migrations: list[Migration] | None = None) -> list
                 (migration.version, migration.name, migration.checksum),
             )
             applied_now.append(migration)
+        conn.execute(LOCK_DOWN)
     return applied_now
+
+
+# Supabase's API roles (where they exist) and PUBLIC lose every right in schema gpuq: gpuq's own roles
+# (gpuq_app, gpuq_worker, gpuq_manager) are what apps, workers and managers are granted.
+LOCK_DOWN = """
+do $$
+declare
+    r text;
+begin
+    revoke all on schema gpuq from public;
+    revoke all on all tables in schema gpuq from public;
+    revoke all on all sequences in schema gpuq from public;
+    revoke execute on all functions in schema gpuq from public;
+    foreach r in array array['anon', 'authenticated'] loop
+        if exists (select 1 from pg_roles where rolname = r) then
+            execute format('revoke all on schema gpuq from %I', r);
+            execute format('revoke all on all tables in schema gpuq from %I', r);
+            execute format('revoke all on all sequences in schema gpuq from %I', r);
+            execute format('revoke execute on all functions in schema gpuq from %I', r);
+        end if;
+    end loop;
+end $$
+"""

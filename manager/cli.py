@@ -21,6 +21,7 @@ from gpuq.db import set_deadline
 from gpuq.settings import Settings
 from manager.config import ManagerSettings
 from manager.metrics import Metrics
+from manager.preflight import check_before_renting
 from manager.providers import REGISTRY
 from manager.providers.base import Provider
 from manager.tick import Manager, tick
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "status":
             return _status(client, ms, args.days)
+        check_before_renting(ms, client)  # what rented hosts would get: their own login, no secret
         manager = Manager(client, ms, build_providers(ms, client.url, settings), Metrics())
         if command == "tick":
             result = tick(manager, dry_run=args.dry_run)

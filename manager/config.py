@@ -16,7 +16,8 @@ environment. Without a file the manager serves one queue, `default`, with local 
       }
     }
 
-Queue keys: provider, backend, image, disk_gb, workflows, env (extra instance env), the QueuePolicy
+Queue keys: provider, backend, image, disk_gb, workflows, env (extra instance env), concurrency (jobs an
+instance runs at once, default 1), the QueuePolicy
 fields (target_jobs_per_instance, target_utilisation, scale_in_utilisation, min_instances,
 max_instances, idle_timeout_s, windows, tz) and `offer` (the OfferFilter fields). Top-level keys:
 the PolicySettings fields except `queues`.
@@ -38,13 +39,16 @@ Environment (the README's table lists the same):
   GPUQ_BUDGET_TZ              overrides budget_tz (default UTC)
   GPUQ_METRICS_FILE           write Prometheus metrics here after each tick (textfile collector)
   GPUQ_MANAGER_METRICS_PORT   `run` serves /metrics on this port (default: off)
-  GPUQ_WORKER_DATABASE_URL    the DATABASE_URL rented machines get: the gpuq_worker role's
-                              (default: DATABASE_URL; local workers always get the manager's)
+  GPUQ_WORKER_DATABASE_URL    the DATABASE_URL rented machines get: a login that is a member of
+                              gpuq_worker and nothing more (required to rent anywhere but local: there
+                              is no fallback to DATABASE_URL; local workers get the manager's)
   GPUQ_STORAGE_URL            where workers put outputs (passed on to instances)
   GPUQ_WORKER_ENV             names of further variables passed to instances, comma-separated, e.g.
-                              AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,SUPABASE_URL,SUPABASE_SERVICE_KEY
-  GPUQ_INSTALL_SPEC           what the bootstrap pip-installs on a rented machine (wheel URL or
-                              git+https URL; default `gpuq`)
+                              SUPABASE_URL,GPUQ_COMFYUI_VERSION; never a manager secret (SECRET_NAMES)
+  GPUQ_INSTALL_STORAGE_URL    where the manager puts its own wheel for rented machines to install, with
+                              a public URL (default GPUQ_STORAGE_URL), e.g. s3://b/gpuq?public=true
+  GPUQ_INSTALL_URL, GPUQ_INSTALL_SHA256   instead: a wheel of this gpuq version served elsewhere
+  GPUQ_INSTALL_SPEC           instead: a pinned release, `NAME==VERSION --hash=sha256:HEX`
   GPUQ_BOOTSTRAP_URL          fetch onstart.sh from here when its packed copy does not fit
   VAST_API_KEY                Vast.ai API key (vast provider); GPUQ_VAST_URL another API server
   GPUQ_AWS_REGION, GPUQ_AWS_AMI, GPUQ_AWS_INSTANCE_TYPES, GPUQ_AWS_SUBNET, GPUQ_AWS_SECURITY_GROUPS,
@@ -55,13 +59,21 @@ Environment (the README's table lists the same):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
+
+import gpuq
 from gpuq.settings import env_float, env_int, env_str
 from manager.policy import PolicySettings, QueuePolicy, Window
 from manager.providers.base import OfferFilter
@@ -79,6 +91,11 @@ class QueueLaunch:
     disk_gb: int = 60
     workflows: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1  # jobs an instance runs at once: the database holds it to that
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 256:
+            raise SystemExit(f"gpuq manager: concurrency must be between 1 and 256, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,12 @@ class ManagerSettings:
     worker_database_url: str | None = None
     storage_url: str | None = None
     worker_env_names: tuple[str, ...] = ()
-    install_spec: str = "gpuq"
+    # How a rented machine installs this gpuq (manager/bootstrap.py install_env): a pinned requirement,
+    # a wheel at a URL with its sha256, or (neither set) the manager's own wheel put in storage.
+    install_spec: str | None = None
+    install_url: str | None = None
+    install_sha256: str | None = None
+    install_storage_url: str | None = None
     bootstrap_url: str | None = None
     # A rented instance idle this long with no manager tick (or without its database) ends itself.
     orphan_timeout_s: float = 3600.0
@@ -183,7 +205,15 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
             lk["workflows"] = tuple(lk["workflows"])
         if "env" in lk:
             lk["env"] = {str(k): str(v) for k, v in lk["env"].items()}
+        if "concurrency" in lk and (
+            not isinstance(lk["concurrency"], int) or isinstance(lk["concurrency"], bool)
+        ):
+            raise SystemExit(
+                f"gpuq manager: queues.{name}.concurrency must be a whole number, got {lk['concurrency']!r}"
+            )
         launch[name] = QueueLaunch(**lk)
+        if provider != "local":
+            _check_models_pinned(name, launch[name].workflows)
 
     top = _pick(PolicySettings, raw, "the configuration", {"queues"})
     top.setdefault("daily_budget", 10.0)
@@ -217,7 +247,10 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         )
     metrics_file = os.environ.get("GPUQ_METRICS_FILE")
     port = env_int("GPUQ_MANAGER_METRICS_PORT", 0)
-    worker_env = os.environ.get("GPUQ_WORKER_ENV", "")
+    worker_env = tuple(n.strip() for n in os.environ.get("GPUQ_WORKER_ENV", "").split(",") if n.strip())
+    worker_url = os.environ.get("GPUQ_WORKER_DATABASE_URL") or None
+    _check_host_settings(launch, worker_env, worker_url)
+    install = _install_settings()
     return ManagerSettings(
         policy=policy,
         launch=launch,
@@ -226,11 +259,181 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         tick_seconds=tick_seconds,
         metrics_file=Path(metrics_file) if metrics_file else None,
         metrics_port=port or None,
-        worker_database_url=os.environ.get("GPUQ_WORKER_DATABASE_URL") or os.environ.get("DATABASE_URL"),
+        # never DATABASE_URL: that is the owner's (or the manager's) login, and hosts are strangers
+        worker_database_url=worker_url,
         storage_url=os.environ.get("GPUQ_STORAGE_URL") or None,
-        worker_env_names=tuple(n.strip() for n in worker_env.split(",") if n.strip()),
-        install_spec=env_str("GPUQ_INSTALL_SPEC", "gpuq"),
+        worker_env_names=worker_env,
         bootstrap_url=os.environ.get("GPUQ_BOOTSTRAP_URL") or None,
         orphan_timeout_s=orphan_timeout,
         db_timeout_s=db_timeout,
+        **install,
     )
+
+
+# --- what rented hosts may be given ------------------------------------------------------------------
+
+# The manager's secrets, by the names it reads them under. GPUQ_WORKER_ENV copies the manager's own value
+# of each name it lists, so none of these may be listed there; and no value a host gets may carry the
+# value of any of them (check_host_env).
+SECRET_NAMES = {
+    "VAST_API_KEY": "the Vast.ai account key (a Vast host has its own, CONTAINER_API_KEY)",
+    "DATABASE_URL": "the manager's database login (hosts get GPUQ_WORKER_DATABASE_URL)",
+    "SUPABASE_SERVICE_ROLE_KEY": "a Supabase service-role key, which bypasses row level security",
+    "SUPABASE_SERVICE_KEY": "a Supabase service-role key, which bypasses row level security",
+    "SUPABASE_SECRET_KEY": "a Supabase secret key (sb_secret_…), which bypasses row level security",
+    "AWS_ACCESS_KEY_ID": "the manager's AWS key",
+    "AWS_SECRET_ACCESS_KEY": "the manager's AWS key",
+    "AWS_SESSION_TOKEN": "the manager's AWS session",
+}
+# A queue's `env` may give hosts AWS keys of their own (values unlike the manager's), but never these.
+_NEVER_IN_QUEUE_ENV = (
+    "VAST_API_KEY",
+    "DATABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "SUPABASE_SERVICE_KEY",
+    "SUPABASE_SECRET_KEY",
+)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.(eyJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
+_SHORT = 12  # a secret shorter than this is matched whole, not inside longer values
+
+
+def _login(url: str | None) -> dict[str, str]:
+    """The keywords of a database URL or connection string; {} when it is neither."""
+    if not url:
+        return {}
+    try:
+        return psycopg.conninfo.conninfo_to_dict(url)  # type: ignore[return-value]
+    except psycopg.Error:
+        return {}
+
+
+def _jwt_role(payload: str) -> object:
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    return claims.get("role") if isinstance(claims, dict) else None
+
+
+def secret_in(value: str, environ: Mapping[str, str]) -> str | None:
+    """What manager secret `value` carries (named, never shown), or None."""
+    for name in SECRET_NAMES:
+        secret = environ.get(name) or ""
+        if secret and (value == secret or (len(secret) >= _SHORT and secret in value)):
+            return f"the value of the manager's {name}"
+    password = _login(environ.get("DATABASE_URL")).get("password")
+    if password and _login(value).get("password") == password:
+        return "the manager's database password"
+    if any(_jwt_role(payload) == "service_role" for payload in _JWT.findall(value)):
+        return "a Supabase service-role key (a JWT whose role is service_role)"
+    if "sb_secret_" in value:  # Supabase's new-style keys: sb_secret_… replaces service_role
+        return "a Supabase secret key (sb_secret_…)"
+    return None
+
+
+def check_host_env(env: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ValueError naming the first variable of `env` (what a rented host gets) that carries a
+    manager secret."""
+    for name, value in env.items():
+        if why := secret_in(value, environ):
+            raise ValueError(f"refusing to give rented hosts {name}: it carries {why}")
+
+
+def _check_host_settings(
+    launch: Mapping[str, QueueLaunch], worker_env: tuple[str, ...], worker_url: str | None
+) -> None:
+    """Refuse, at start, settings that would hand rented hosts a manager secret."""
+    for name in worker_env:
+        if name in SECRET_NAMES:
+            raise SystemExit(
+                f"gpuq manager: GPUQ_WORKER_ENV names {name}, {SECRET_NAMES[name]}: rented hosts must "
+                "never get it"
+            )
+    if worker_url:
+        manager_user = _login(os.environ.get("DATABASE_URL")).get("user")
+        if manager_user and _login(worker_url).get("user") == manager_user:
+            raise SystemExit(
+                f"gpuq manager: GPUQ_WORKER_DATABASE_URL logs in as {manager_user!r}, the manager's own role "
+                "(DATABASE_URL); give rented hosts a login of their own in role gpuq_worker"
+            )
+    for queue, q in launch.items():
+        if q.provider == "local":
+            continue  # processes on this machine: nothing leaves it
+        for name in q.env:
+            if name in _NEVER_IN_QUEUE_ENV:
+                raise SystemExit(
+                    f"gpuq manager: queues.{queue}.env sets {name}, {SECRET_NAMES[name]}: rented hosts must "
+                    "never get it"
+                )
+        try:
+            check_host_env(q.env)
+        except ValueError as e:
+            raise SystemExit(f"gpuq manager: queues.{queue}.env: {e}") from None
+
+
+# --- what rented hosts install ---------------------------------------------------------------------
+
+
+def _check_models_pinned(queue: str, names: tuple[str, ...]) -> None:
+    """Refuse a rented queue whose workflows are unknown or name a model without a sha256: a rented
+    machine downloads only models pinned by hash (manager/bootstrap.py fetch_model)."""
+    from manager.bootstrap import unpinned_models  # imported here: bootstrap imports this module
+    from worker.errors import JobError
+
+    try:
+        unpinned = unpinned_models(names)
+    except JobError as e:
+        raise SystemExit(f"gpuq manager: queues.{queue}.workflows: {e.message}") from None
+    if unpinned:
+        raise SystemExit(
+            f"gpuq manager: queues.{queue}: models without a sha256 in their workflow binding: "
+            f'{", ".join(unpinned)}; rented hosts download only models pinned by hash (add "sha256" '
+            "to each model in workflows/NAME.binding.json)"
+        )
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PINNED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==(\S+)(\s+--hash=sha256:[0-9a-f]{64})+$")
+
+
+def _install_settings() -> dict[str, Any]:
+    """GPUQ_INSTALL_SPEC, or GPUQ_INSTALL_URL with GPUQ_INSTALL_SHA256, or GPUQ_INSTALL_STORAGE_URL,
+    checked: whichever is used, a host installs this very version, pinned by its hash."""
+    spec = (os.environ.get("GPUQ_INSTALL_SPEC") or "").strip() or None
+    url = (os.environ.get("GPUQ_INSTALL_URL") or "").strip() or None
+    sha = (os.environ.get("GPUQ_INSTALL_SHA256") or "").strip().lower() or None
+    version = gpuq.__version__
+    if spec and url:
+        raise SystemExit("gpuq manager: set GPUQ_INSTALL_SPEC or GPUQ_INSTALL_URL, not both")
+    if spec:
+        pinned = _PINNED.match(spec)
+        if not pinned:
+            raise SystemExit(
+                f"gpuq manager: GPUQ_INSTALL_SPEC must pin a version and its hash, e.g. "
+                f"'gpuq=={version} --hash=sha256:<64 hex>', got {spec!r} (a bare name installs whatever "
+                "an index has under it; 'gpuq' on PyPI is another project)"
+            )
+        if pinned.group(1) != version:
+            raise SystemExit(
+                f"gpuq manager: GPUQ_INSTALL_SPEC pins version {pinned.group(1)}; this manager runs {version}"
+            )
+    if url:
+        parts = urlsplit(url)
+        wheel = parts.path.rsplit("/", 1)[-1]
+        if parts.scheme not in ("http", "https") or not wheel.startswith(f"gpuq-{version}-"):
+            raise SystemExit(
+                f"gpuq manager: GPUQ_INSTALL_URL must be an http(s) URL of gpuq-{version}-….whl (the "
+                f"version this manager runs), got {url!r}"
+            )
+        if not wheel.endswith(".whl"):
+            raise SystemExit(f"gpuq manager: GPUQ_INSTALL_URL must name a .whl file, got {url!r}")
+    if bool(url) != bool(sha) or (sha and not _SHA256.match(sha)):
+        raise SystemExit(
+            "gpuq manager: GPUQ_INSTALL_URL needs GPUQ_INSTALL_SHA256, the wheel's sha256 (64 hex digits)"
+        )
+    return {
+        "install_spec": spec,
+        "install_url": url,
+        "install_sha256": sha,
+        "install_storage_url": os.environ.get("GPUQ_INSTALL_STORAGE_URL") or None,
+    }

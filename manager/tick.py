@@ -12,11 +12,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
-from gpuq.client import Client
+from gpuq.client import Client, new_secret, secret_hash
 from gpuq.db import Connection, connect, deadline_of
 from manager.bootstrap import launch_spec
 from manager.config import ManagerSettings
@@ -231,11 +231,17 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
             log.info("skip %s: queue %s rents from %s", _reason(action), action.queue, launch.provider)
             return
         provider = m.providers[offer.provider]
-        provider_id = provider.create(offer, launch_spec(s, action.queue, offer))
-        # A crash between create and this record leaves an orphan: the next tick destroys it by label.
+        # The instance's own secret: its worker acts as this instance and nothing else, and only until
+        # the instance ends. The database keeps its hash; the worker replaces it when it registers.
+        secret = new_secret()
+        spec = launch_spec(s, action.queue, offer)
+        spec = replace(spec, env={**spec.env, "GPUQ_INSTANCE_SECRET": secret})
+        provider_id = provider.create(offer, spec)
+        # A crash between create and this record leaves an orphan: the next tick destroys it by label
+        # (its secret was never recorded, so its worker cannot touch a job meanwhile).
         client.call(
             "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
-            "%s::text[], %s)",
+            "%s::text[], %s, %s::int, %s)",
             (
                 offer.provider,
                 provider_id,
@@ -249,6 +255,8 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
                 offer.interruptible,
                 [action.queue],
                 action.reason,
+                launch.concurrency,
+                secret_hash(secret),
             ),
         )
         result.rented.append(f"{offer.provider}:{provider_id}")
@@ -262,7 +270,7 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         if inst is None:
             return
         if action.release_jobs:
-            client.release(inst.id)  # back in the queue now, not when the destroy is confirmed
+            client.release_instance_jobs(inst.id)  # back in the queue now, not when the destroy is confirmed
         provider = m.providers.get(inst.provider)
         if inst.provider_instance_id and provider is not None:
             _, still = destroy_verified(provider, [inst.provider_instance_id], s.label_prefix)

@@ -45,7 +45,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from gpuq.client import JOBS_CHANNEL, Client, Listener
+from gpuq.client import JOBS_CHANNEL, Client, InstanceClient, Listener
 from gpuq.db import connect
 from gpuq.migrate import migrate
 from gpuq.settings import Settings
@@ -60,6 +60,14 @@ END_TO_END = "INSERT sent->claimed"
 
 
 # --- small helpers ---------------------------------------------------------------------------------
+
+
+def bench_instance(client: Client, queue: str) -> InstanceClient:
+    """An instance serving `queue` with room for any batch here, as `gpuq enroll` makes one."""
+    _, secret = client.enroll([queue], max_concurrency=4096)
+    instance = client.as_instance(secret)
+    instance.register()
+    return instance
 
 
 def settings_for(url: str) -> Settings:
@@ -212,19 +220,19 @@ def gpuq_drain_worker(url: str, index: int, batch: int, barrier: Barrier) -> dic
     """Answers jobs done, when it finished, claims made, seconds spent in claim and in complete,
     and CPU seconds used here and by its backend."""
     client = Client.connect(url, settings_for(url))
-    instance = client.register_instance("manual", f"bench-drain-{index}", queues=[DRAIN_QUEUE])
+    instance = bench_instance(client, DRAIN_QUEUE)
     out = {"done": 0, "claims": 0, "in_claim": 0.0, "in_complete": 0.0}
     barrier.wait(timeout=120)
     with cpu_meter([client.conn.info.backend_pid], out):
         while True:
             t0 = time.perf_counter()
-            jobs = client.claim(instance, [DRAIN_QUEUE], batch)
+            jobs = instance.claim([DRAIN_QUEUE], batch)
             t1 = time.perf_counter()
             out["in_claim"] += t1 - t0
             if not jobs:
                 break
             out["claims"] += 1
-            lost = client.complete_many([(j.id, j.attempt, None) for j in jobs])
+            lost = instance.complete_many([(j.id, j.lease_token, None) for j in jobs])
             out["in_complete"] += time.perf_counter() - t1
             if lost:
                 raise RuntimeError(f"jobs {lost} were no longer held")
@@ -295,7 +303,7 @@ def gpuq_latency_worker(
     """Answers, per job id, when the worker woke for it and when its claim returned."""
     settings = settings_for(url)
     client = Client.connect(url, settings)
-    instance = client.register_instance("manual", "bench-latency", queues=[LATENCY_QUEUE])
+    instance = bench_instance(client, LATENCY_QUEUE)
     listener = Listener(url, settings, [JOBS_CHANNEL])
     listener.start()
     woke: dict[int, float] = {}
@@ -304,12 +312,12 @@ def gpuq_latency_worker(
         listener.wait(1.0)  # returns at the first NOTIFY; the 1 s timeout is the polling fallback
         t_wake = time.time()
         # as a real worker does: claim until nothing is left, then wait again
-        while jobs := client.claim(instance, [LATENCY_QUEUE], batch):
+        while jobs := instance.claim([LATENCY_QUEUE], batch):
             t = time.time()
             for j in jobs:
                 woke[j.id], claimed[j.id] = t_wake, t
             ready.set()
-            client.complete_many([(j.id, j.attempt, None) for j in jobs])
+            instance.complete_many([(j.id, j.lease_token, None) for j in jobs])
     listener.close()
     client.close()
     return woke, claimed
@@ -550,7 +558,9 @@ COST_HEADER = (
 )
 
 
-def server_claim_cost(conn: psycopg.Connection[Any], instance: int, reps: int = 30) -> tuple[float, int]:
+def server_claim_cost(
+    conn: psycopg.Connection[Any], instance: InstanceClient, reps: int = 30
+) -> tuple[float, int]:
     """p50 execution time (µs) and shared buffers of claim_jobs(p_limit=1), read from EXPLAIN ANALYZE
     (the Function Scan's figures include every statement inside the function); rolled back."""
     times, buffers = [], []
@@ -558,7 +568,7 @@ def server_claim_cost(conn: psycopg.Connection[Any], instance: int, reps: int = 
         with conn.transaction(force_rollback=True):
             row = conn.execute(
                 "explain (analyze, buffers, format json) select * from gpuq.claim_jobs(%s, %s, 1)",
-                (instance, [DRAIN_QUEUE]),
+                (instance.secret, [DRAIN_QUEUE]),
             ).fetchone()
         assert row is not None
         plan = (row["QUERY PLAN"] if isinstance(row, dict) else row[0])[0]
@@ -590,28 +600,33 @@ def insert_queued(conn: psycopg.Connection[Any], n: int) -> None:
 
 
 def measure_claims(
-    client: Client, conn: psycopg.Connection[Any], instance: int, label: str, singles: int, batches: int
+    client: Client,
+    conn: psycopg.Connection[Any],
+    instance: InstanceClient,
+    label: str,
+    singles: int,
+    batches: int,
 ) -> ClaimCost:
     """Time single and batch claims; each claimed job is refilled (untimed) so the depth holds."""
     for _ in range(10):  # warm-up: psycopg prepares the statement after 5 uses
-        jobs = client.claim(instance, [DRAIN_QUEUE], 1)
-        client.complete_many([(j.id, j.attempt, None) for j in jobs])
+        jobs = instance.claim([DRAIN_QUEUE], 1)
+        instance.complete_many([(j.id, j.lease_token, None) for j in jobs])
         insert_queued(conn, len(jobs))
     single, single_rt, batch = [], [], []
     for _ in range(singles):
         t0 = time.perf_counter()
-        jobs = client.claim(instance, [DRAIN_QUEUE], 1)
+        jobs = instance.claim([DRAIN_QUEUE], 1)
         t1 = time.perf_counter()
-        client.complete_many([(j.id, j.attempt, None) for j in jobs])
+        instance.complete_many([(j.id, j.lease_token, None) for j in jobs])
         t2 = time.perf_counter()
         single.append((t1 - t0) * 1e6)
         single_rt.append((t2 - t0) * 1e6)
         insert_queued(conn, len(jobs))
     for _ in range(batches):
         t0 = time.perf_counter()
-        jobs = client.claim(instance, [DRAIN_QUEUE], 50)
+        jobs = instance.claim([DRAIN_QUEUE], 50)
         batch.append((time.perf_counter() - t0) * 1e6)
-        client.complete_many([(j.id, j.attempt, None) for j in jobs])
+        instance.complete_many([(j.id, j.lease_token, None) for j in jobs])
         insert_queued(conn, len(jobs))
     server_us, buffers = server_claim_cost(client.conn, instance)
     cost = ClaimCost(label, single, single_rt, batch, server_us, buffers)
@@ -619,17 +634,17 @@ def measure_claims(
     return cost
 
 
-def drive_to_succeeded(conn: psycopg.Connection[Any], instance: int, budget_s: float) -> int:
+def drive_to_succeeded(conn: psycopg.Connection[Any], instance: InstanceClient, budget_s: float) -> int:
     """Claim and complete every queued job through gpuq's functions, 2000 per transaction: with
     10 000 complete_jobs can take seconds, when its plan walks every running job once per given job."""
     done = 0
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
         row = conn.execute(
-            """with c as (select id, attempt from gpuq.claim_jobs(%s, %s, 2000, null, 3600))
-               select count(*) from gpuq.complete_jobs((select array_agg(id) from c),
-                                                       (select array_agg(attempt) from c))""",
-            (instance, [DRAIN_QUEUE]),
+            """with c as (select id, lease_token from gpuq.claim_jobs(%s, %s, 2000, 600))
+               select count(*) from gpuq.complete_jobs(%s, (select array_agg(id) from c),
+                                                       (select array_agg(lease_token) from c))""",
+            (instance.secret, [DRAIN_QUEUE], instance.secret),
         ).fetchone()
         assert row is not None
         if row[0] == 0:
@@ -677,21 +692,21 @@ def note_summary(note: str) -> tuple[str, float, int]:
     )
 
 
-def profile_batch(url: str, instance: int) -> None:
+def profile_batch(url: str, instance: InstanceClient) -> None:
     """Where a batch's time goes inside Postgres: claim_jobs(p_limit=50), and complete_jobs of 50 jobs
     claimed (and committed) beforehand, as a worker's two separate transactions are."""
     queues = [DRAIN_QUEUE]
     with psycopg.connect(url, autocommit=True) as conn:
         held = conn.execute(
-            "select id, attempt from gpuq.claim_jobs(%s, %s, 50)", (instance, queues)
+            "select id, lease_token from gpuq.claim_jobs(%s, %s, 50)", (instance.secret, queues)
         ).fetchall()
-    ids, attempts = [r[0] for r in held], [r[1] for r in held]
+    ids, tokens = [r[0] for r in held], [r[1] for r in held]
     runs = {
         "claim_jobs(p_limit=50)": lambda c: c.execute(
-            "select id from gpuq.claim_jobs(%s, %s, 50)", (instance, queues)
+            "select id from gpuq.claim_jobs(%s, %s, 50)", (instance.secret, queues)
         ).fetchall(),
         f"complete_jobs of {len(ids)}": lambda c: c.execute(
-            "select * from gpuq.complete_jobs(%s, %s)", (ids, attempts)
+            "select * from gpuq.complete_jobs(%s, %s, %s)", (instance.secret, ids, tokens)
         ).fetchall(),
     }
     for title, body in runs.items():
@@ -703,15 +718,15 @@ def profile_batch(url: str, instance: int) -> None:
         for query, ms in sorted(by_query.items(), key=lambda kv: -sum(kv[1])):
             print(f"     {sum(ms):8.3f} ms  {len(ms):4d} x  {query}")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("select * from gpuq.complete_jobs(%s, %s)", (ids, attempts))
+        conn.execute("select * from gpuq.complete_jobs(%s, %s, %s)", (instance.secret, ids, tokens))
 
 
-def explain_claim(url: str, instance: int) -> None:
+def explain_claim(url: str, instance: InstanceClient) -> None:
     """auto_explain's plans of the statements inside one claim_jobs(p_limit=1)."""
     notes = auto_explained(
         url,
         lambda conn: conn.execute(
-            "select * from gpuq.claim_jobs(%s, %s, 1)", (instance, [DRAIN_QUEUE])
+            "select * from gpuq.claim_jobs(%s, %s, 1)", (instance.secret, [DRAIN_QUEUE])
         ).fetchall(),
     )
     # Planning is a large share of a claim: plpgsql replans claim_jobs' statements on every call when
@@ -756,7 +771,7 @@ def flat_test(args: argparse.Namespace) -> list[ClaimCost]:
             migrate(mconn)
         client = Client.connect(url, settings_for(url))
         conn: psycopg.Connection[Any] = psycopg.connect(url, autocommit=True)
-        instance = client.register_instance("manual", "bench-flat", queues=[DRAIN_QUEUE])
+        instance = bench_instance(client, DRAIN_QUEUE)
 
         def measure(label: str) -> None:
             costs.append(measure_claims(client, conn, instance, label, args.singles, args.batches))

@@ -45,6 +45,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import gpuq  # noqa: E402
 from gpuq.client import Client  # noqa: E402
 from gpuq.db import connect  # noqa: E402
 from gpuq.migrate import migrate  # noqa: E402
@@ -189,9 +190,9 @@ class Machines:
     """A `gpuq worker` per running instance, as a rented machine would start one; killed when the
     instance stops running (outbid, exited) or is destroyed."""
 
-    def __init__(self, standin: VastStandin, db_url: str, work: Path) -> None:
+    def __init__(self, standin: VastStandin, worker_url: str, work: Path) -> None:
         self.standin = standin
-        self.db_url = db_url
+        self.worker_url = worker_url
         self.work = work
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.started = 0
@@ -214,14 +215,14 @@ class Machines:
     def _start(self, rental: Rental) -> subprocess.Popen[bytes]:
         self.started += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUQ_")}
-        env.update(rental.env)  # what the manager gave the instance (its queue, and any secret)
+        env.update(rental.env)  # what the manager gave the instance: its queue, login and secret
         env.update(
             {
                 "PYTHONPATH": str(REPO),
-                "DATABASE_URL": self.db_url,  # the worker's own path to the database: no proxy
+                "DATABASE_URL": self.worker_url,  # the hosts' own login (as in env), its own path: no proxy
                 "GPUQ_PROVIDER": "vast",
                 "GPUQ_PROVIDER_INSTANCE_ID": str(rental.id),
-                "GPUQ_DATA_DIR": str(self.work / "data"),
+                "GPUQ_DATA_DIR": str(self.work / f"host-{rental.id}"),
                 "GPUQ_STORAGE_URL": str(self.work / "outputs"),
                 "GPUQ_INPUT_DIRS": str(self.work),
                 "GPUQ_LEASE_SECONDS": "20",
@@ -307,17 +308,21 @@ def run(t: Timeline, work: Path) -> Report:
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'create database "{dbname}"')
     db_url = make_conninfo(ADMIN_URL, dbname=dbname)
+    # Rented hosts get a login of their own in role gpuq_worker (the manager refuses to rent otherwise).
+    worker_role = f"gpuq_scenario_worker_{os.getpid()}_{secrets.token_hex(3)}"
+    worker_url = make_conninfo(db_url, user=worker_role, password="scenario")
     settings = Settings(db_url, work / "data", False, 60, 1.0)
     standin = VastStandin(KEY, RealClock())
     standin.created_at_s, standin.loading_at_s, standin.running_at_s = 2.0, 4.0, 12.0
     standin.start()
     info = conninfo_to_dict(db_url)
     proxy = TcpProxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
-    machines = Machines(standin, db_url, work)
+    machines = Machines(standin, worker_url, work)
     manager: ManagerProc | None = None
     try:
         with connect(db_url, settings) as conn:
             migrate(conn)
+            conn.execute(f"create role {worker_role} login password 'scenario' in role gpuq_worker")
         client = Client.connect(db_url, settings)
         tz = pick_zone()
         cfg = config(tz, t)
@@ -334,7 +339,9 @@ def run(t: Timeline, work: Path) -> Report:
             {
                 "PYTHONPATH": str(REPO),
                 "DATABASE_URL": make_conninfo(db_url, host="127.0.0.1", port=str(proxy.port)),
-                "GPUQ_WORKER_DATABASE_URL": db_url,
+                "GPUQ_WORKER_DATABASE_URL": worker_url,
+                # hosts would install exactly this gpuq; here the harness runs the worker from the tree
+                "GPUQ_INSTALL_SPEC": f"gpuq=={gpuq.__version__} --hash=sha256:{'0' * 64}",
                 "GPUQ_MANAGER_CONFIG": str(work / "manager.json"),
                 "GPUQ_DEPLOYMENT": DEPLOYMENT,
                 "GPUQ_MANAGER_TICK_SECONDS": "5",
@@ -427,6 +434,7 @@ def run(t: Timeline, work: Path) -> Report:
         proxy.close()
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'drop database if exists "{dbname}" with (force)')
+            admin.execute(f"drop role if exists {worker_role}")
 
 
 def _ours(rentals: dict[int, Rental]) -> dict[int, Rental]:

@@ -1,23 +1,9 @@
 #!/bin/bash
 # gpuq bootstrap for a rented GPU machine. The manager sends it packed in a small onstart stub
-# (manager/bootstrap.py). Idempotent: Vast runs it again when an outbid instance resumes, so every step
-# checks before it acts and a second run starts no duplicate process.
-#
-# Configured only by environment (set by the manager as the instance's env):
-#   DATABASE_URL               the gpuq_worker role's URL (required)
-#   GPUQ_QUEUES                queues to serve, comma-separated (required)
-#   GPUQ_PROVIDER              vast | aws_spot | local
-#   GPUQ_PROVIDER_INSTANCE_ID  default: $CONTAINER_ID on Vast, the instance id from IMDS on EC2
-#   GPUQ_BACKENDS              e.g. comfyui,f5tts; comfyui installs ComfyUI through comfy-cli
-#   GPUQ_COMFYUI_VERSION       the ComfyUI release comfy-cli installs (default latest: the newest stable)
-#   GPUQ_WORKFLOWS             workflow names whose <name>.binding.json models are downloaded
-#   GPUQ_WORKFLOWS_DIR         where the binding files are (default: workflows/ beside the gpuq package)
-#   GPUQ_INSTALL_SPEC          pip spec of gpuq: a wheel URL or git+https URL (default gpuq)
-#   GPUQ_STORAGE_URL and storage credentials: read by the worker only
-#   GPUQ_WORKSPACE             default /workspace; everything goes under $GPUQ_WORKSPACE/gpuq
-#   GPUQ_PYTHON                the Python to build the venv with (default python3)
-#   GPUQ_WORKER_CMD            the worker command (default: <venv>/bin/python -m gpuq.cli worker)
-#   GPUQ_ORPHAN_TIMEOUT_SECONDS, GPUQ_SELF_TERMINATE_CMD  the worker's orphan check (README)
+# (manager/bootstrap.py, which documents the variables). Idempotent: Vast runs it again when an outbid
+# instance resumes, so every step checks before it acts and a second run starts no duplicate process.
+# It installs exactly the manager's gpuq: a wheel checked against GPUQ_INSTALL_SHA256 before pip sees
+# it, or a GPUQ_INSTALL_SPEC pinned with --hash; never a bare name ("gpuq" on PyPI is another project).
 # Nothing here prints the environment: the host can read it anyway, the logs need not carry it.
 set -euo pipefail
 
@@ -48,16 +34,30 @@ exec 9>"$W/run/onstart.lock"
 if command -v flock >/dev/null; then flock 9; fi
 
 # --- install what is missing ---------------------------------------------------------------------
+U="${GPUQ_INSTALL_URL:-}" H="${GPUQ_INSTALL_SHA256:-}" S="${GPUQ_INSTALL_SPEC:-}"
+if [ -n "$U" ] && [[ "$H" =~ ^[0-9a-f]{64}$ ]]; then KEY="$H"
+elif [ -z "$U" ] && [[ "$S" =~ ==.*--hash=sha256:[0-9a-f]{64} ]]; then KEY="$S"
+else
+  log "refusing to install gpuq unpinned: set GPUQ_INSTALL_URL and GPUQ_INSTALL_SHA256, or GPUQ_INSTALL_SPEC with --hash"
+  exit 1
+fi
 if [ ! -x "$PY" ]; then
   log "creating $V"
   "${GPUQ_PYTHON:-python3}" -m venv "$V"
 fi
-SPEC="${GPUQ_INSTALL_SPEC:-gpuq}"
-if [ "$(cat "$W/run/installed" 2>/dev/null || true)" != "$SPEC" ]; then
-  log "installing gpuq ($SPEC)"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "$SPEC"
-  echo "$SPEC" >"$W/run/installed"
+if [ "$(cat "$V/installed" 2>/dev/null || true)" != "$KEY" ]; then  # in the venv: a new venv installs again
+  log "installing gpuq"
+  if [ -n "$U" ]; then
+    F="${U%%[?#]*}"; F="$W/run/${F##*/}"  # pip needs the wheel's own file name
+    curl -fsSL --retry 5 -o "$F" "$U"
+    if ! echo "$H  $F" | sha256sum -c --status; then rm -f "$F"; log "refusing $U: sha256 is not $H"; exit 1; fi
+    "$PY" -m pip install -q "$F"
+  else
+    echo "$S" >"$W/run/gpuq.req"
+    "$PY" -m pip install -q --no-deps --require-hashes -r "$W/run/gpuq.req"
+    "$PY" -m pip install -q "${S%% *}"  # its dependencies: the pinned gpuq is installed already
+  fi
+  echo "$KEY" >"$V/installed"
 fi
 
 COMFY="$W/ComfyUI"
@@ -71,21 +71,8 @@ if [[ "$BACKENDS" == *,comfyui,* ]]; then
     "$V/bin/comfy" --skip-prompt --workspace "$COMFY" install --nvidia --skip-manager \
       --version "${GPUQ_COMFYUI_VERSION:-latest}"
   fi
-  WF="${GPUQ_WORKFLOWS_DIR:-$("$PY" -c 'import pathlib, worker; print(pathlib.Path(worker.__file__).resolve().parent.parent / "workflows")' 2>/dev/null || true)}"
-  for name in ${GPUQ_WORKFLOWS//,/ }; do
-    binding="$WF/$name.binding.json"
-    if [ ! -f "$binding" ]; then log "no binding file $binding; skipping its models"; continue; fi
-    # one "path url" line per model the workflow needs
-    "$PY" -c 'import json, sys
-for m in json.load(open(sys.argv[1])).get("models", []): print(m["path"], m["url"])' "$binding" |
-      while read -r path url; do
-        dest="$COMFY/$path"
-        if [ -s "$dest" ]; then continue; fi
-        log "downloading $path"
-        mkdir -p "$(dirname "$dest")"
-        curl -fL --retry 5 -C - -o "$dest.part" "$url" && mv "$dest.part" "$dest"
-      done
-  done
+  # each model the workflows' bindings name, checked against its pinned sha256 (manager/bootstrap.py)
+  "$PY" -m manager.bootstrap models "$COMFY" "${GPUQ_WORKFLOWS:-}"
 fi
 
 # --- start, once ---------------------------------------------------------------------------------

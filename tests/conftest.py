@@ -13,7 +13,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from psycopg.conninfo import make_conninfo
 
-from gpuq.client import Client
+from gpuq.client import Client, InstanceClient
 from gpuq.db import connect
 from gpuq.migrate import migrate
 from gpuq.settings import Settings
@@ -60,20 +60,42 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
     return make_settings(db_url, tmp_path)
 
 
+# gpuq.config for tests: leases down to 1 s (production's floor is 10 s; tests that check it set it).
+TEST_CONFIG = "delete from gpuq.config; insert into gpuq.config (min_lease_seconds) values (1)"
+
+
 @pytest.fixture
 def client(db_url: str, settings: Settings) -> Iterator[Client]:
-    """A client on a database emptied for this test."""
+    """A client (the database owner) on a database emptied for this test."""
     c = Client.connect(db_url, settings)
     c.conn.execute(
         "truncate gpuq.jobs, gpuq.job_events, gpuq.instances, gpuq.instance_events restart identity cascade"
     )
+    c.conn.execute(TEST_CONFIG)
     yield c
     c.close()
 
 
+def enroll(
+    client: Client,
+    queues: tuple[str, ...] = ("q",),
+    *,
+    concurrency: int = 100,
+    vram_mb: int = 24000,
+    gpu_name: str | None = "Test GPU",
+    provider: str = "manual",
+) -> InstanceClient:
+    """A new instance, as `gpuq enroll` makes one, and the worker API acting as it."""
+    instance_id, secret = client.enroll(
+        queues, max_concurrency=concurrency, vram_mb=vram_mb, gpu_name=gpu_name, provider=provider
+    )
+    return client.as_instance(secret, instance_id)
+
+
 @pytest.fixture
-def instance(client: Client) -> int:
-    return client.register_instance("manual", None, gpu_name="Test GPU", vram_mb=24000, queues=["q"])
+def instance(client: Client) -> InstanceClient:
+    """An enrolled instance serving queue q, 24 GB of VRAM, up to 100 jobs at once."""
+    return enroll(client)
 
 
 @pytest.fixture(scope="module")

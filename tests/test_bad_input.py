@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
 
-from gpuq.client import Client, InvalidRequest, JobNotFound
+from gpuq.client import Client, InstanceClient, InvalidRequest, JobNotFound, NotHeld
 
 
 def job_count(client: Client) -> int:
@@ -122,15 +123,16 @@ def test_enqueue_rejects_bad_arguments_clearly(client: Client, kwargs: dict[str,
     assert job_count(client) == 0
 
 
-def test_unknown_job_ids_are_named_in_the_error(client: Client, instance: int) -> None:
+def test_unknown_job_ids_are_named_in_the_error(client: Client, instance: InstanceClient) -> None:
     with pytest.raises(JobNotFound, match="job 424242 does not exist"):
         client.cancel(424242)
-    with pytest.raises(JobNotFound, match="job 424242 does not exist"):
-        client.complete(424242, 1)
-    with pytest.raises(JobNotFound, match="job 424242 does not exist"):
-        client.fail(424242, 1, "GPU_OOM", "x")
-    with pytest.raises(JobNotFound, match="job 424242 does not exist"):
-        client.progress(424242, 1, 10)
+    # a worker is told only that it does not hold it (test_trust: a refusal says nothing about the job)
+    with pytest.raises(NotHeld, match="job 424242 is not held by this instance"):
+        instance.complete(424242, uuid4())
+    with pytest.raises(NotHeld, match="job 424242 is not held by this instance"):
+        instance.fail(424242, uuid4(), "GPU_OOM", "x")
+    with pytest.raises(NotHeld, match="job 424242 is not held by this instance"):
+        instance.progress(424242, uuid4(), 10)
     with pytest.raises(JobNotFound, match="job 424242 does not exist"):
         client.retry(424242)
     with pytest.raises(JobNotFound, match="job 424242 does not exist"):
@@ -138,15 +140,19 @@ def test_unknown_job_ids_are_named_in_the_error(client: Client, instance: int) -
 
 
 def test_complete_with_a_non_object_result_is_refused_and_the_job_stays_running(
-    client: Client, instance: int
+    client: Client, instance: InstanceClient
 ) -> None:
     job_id = client.enqueue("q", {})
-    client.claim(instance, ["q"], 1)
+    [job] = instance.claim(["q"], 1)
     with pytest.raises(psycopg.Error, match="a job result must be a JSON object"):
-        client.conn.execute("select gpuq.complete_job(%s, 1, '[1]'::jsonb)", (job_id,))
+        client.conn.execute(
+            "select gpuq.complete_job(%s, %s, %s, '[1]'::jsonb)", (instance.secret, job_id, job.lease_token)
+        )
     assert client.get(job_id).status == "running"
 
 
-def test_mismatched_heartbeat_arrays_are_refused(client: Client, instance: int) -> None:
+def test_mismatched_heartbeat_arrays_are_refused(client: Client, instance: InstanceClient) -> None:
     with pytest.raises(psycopg.Error, match="same length"):
-        client.conn.execute("select * from gpuq.heartbeat(%s, '{1,2}', '{1}')", (instance,))
+        client.conn.execute(
+            "select * from gpuq.heartbeat(%s, '{1,2}', array[gen_random_uuid()])", (instance.secret,)
+        )

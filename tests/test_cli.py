@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gpuq.client import Client
+from tests.conftest import enroll
 
 ROOT = Path(__file__).parent.parent
 
@@ -46,14 +47,16 @@ def test_help_lists_every_command() -> None:
 
 def test_submit_wait_shows_progress_and_result(client: Client) -> None:
     env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
-    instance = client.register_instance("manual", None, queues=["cli"])
+    instance = enroll(client, ("cli",))
 
     def work() -> None:
-        while not (jobs := client.claim(instance, ["cli"], 1)):
+        while not (jobs := instance.claim(["cli"], 1)):
             time.sleep(0.05)
-        client.progress(jobs[0].id, jobs[0].attempt, 40, "denoising")
+        token = jobs[0].lease_token
+        assert token is not None
+        instance.progress(jobs[0].id, token, 40, "denoising")
         time.sleep(0.5)
-        client.complete(jobs[0].id, jobs[0].attempt, {"outputs": ["file:///tmp/out.png"]})
+        instance.complete(jobs[0].id, token, {"outputs": ["file:///tmp/out.png"]})
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -113,3 +116,38 @@ def test_embedded_postgres_is_the_default_without_database_url(tmp_path: Path) -
     listed = gpuq("list", env=env, timeout=180)
     assert job_id in listed.stdout and "demo" in listed.stdout
     assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()
+
+
+# A worker writes the text `gpuq show` and `submit --wait` print. Raw, this would retitle the terminal,
+# clear the screen and hide the rest of the line (and U+202E reverse what follows).
+HOSTILE = "boom\x1b]0;owned\x07\x1b[2J\x1b[8m hidden\x9b31m \u202eevil\r\nnext line"
+
+
+def test_stored_text_is_printed_without_terminal_control_characters(client: Client) -> None:
+    env = {"DATABASE_URL": client.url, "GPUQ_POLL_SECONDS": "0.2"}
+    instance = enroll(client, ("cli",))
+
+    def work() -> None:
+        while not (jobs := instance.claim(["cli"], 1)):
+            time.sleep(0.05)
+        token = jobs[0].lease_token
+        assert token is not None
+        instance.progress(jobs[0].id, token, 40, HOSTILE)
+        time.sleep(0.5)
+        instance.fail(jobs[0].id, token, "INPUT_INVALID", HOSTILE)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    waited = gpuq("submit", "cli", "{}", "--wait", "--wait-timeout", "30s", env=env)
+    thread.join()
+    assert waited.returncode == 1
+    job_id = waited.stdout.splitlines()[0]
+    shown = gpuq("show", job_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    for out in (waited.stdout, shown.stdout):
+        assert not any(c in out for c in "\x1b\x07\x9b\u202e\r"), out
+        assert "boom\\x1b]0;owned\\x07\\x1b[2J\\x1b[8m hidden\\x9b31m \\u202eevil\\r\\nnext line" in out
+    assert "running 40% boom\\x1b" in waited.stdout  # the progress message too
+    # a message spans one line of the history table, not two
+    history = shown.stdout.split("history:")[1]
+    assert [line for line in history.splitlines() if "next line" in line and "boom" not in line] == []

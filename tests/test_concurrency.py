@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
@@ -61,8 +62,9 @@ def test_a_worker_killed_mid_job_loses_its_job_to_another_which_finishes_it(clie
         env=ENV,
     )
     assert victim.stdout is not None
-    line = victim.stdout.readline()
-    assert line.split() == [str(job_id), "1"]
+    line = victim.stdout.readline().split()
+    assert line[:2] == [str(job_id), "1"]
+    token, secret = UUID(line[2]), line[3]
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     assert client.get(job_id).status == "running"  # nobody said goodbye
@@ -81,6 +83,38 @@ def test_a_worker_killed_mid_job_loses_its_job_to_another_which_finishes_it(clie
     job = client.get(job_id)
     assert (job.status, job.attempt) == ("succeeded", 2)
     with pytest.raises(NotHeld):
-        client.complete(job_id, 1, {"late": "from the dead attempt"})
+        client.as_instance(secret).complete(job_id, token, {"late": "from the dead attempt"})
     assert client.get(job_id).result != {"late": "from the dead attempt"}
     assert [e["event"] for e in client.history(job_id)] == ["lease_expired", "succeeded"]
+
+
+def test_a_restarted_worker_hands_back_at_once_what_the_killed_one_held(client: Client) -> None:
+    """Killed between its claim and its work (the claim's reply lost with it, as far as anyone can tell),
+    the worker's instance still holds the job under a long lease. The worker that takes the instance up
+    again (same secret) registers, and the job is back in the queue at once, not when the lease runs out."""
+    job_id = client.enqueue("restart", {})
+    victim = subprocess.Popen(
+        [sys.executable, CLAIMER, client.url, "restart", "hang", "1", "600"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert victim.stdout is not None
+    line = victim.stdout.readline().split()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    secret = line[3]
+    lease = client.get(job_id).lease_expires_at
+    assert client.get(job_id).status == "running" and lease is not None
+
+    again = subprocess.run(
+        [sys.executable, CLAIMER, client.url, "restart", "register", "1", "600", secret],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    job = client.get(job_id)
+    assert (job.status, job.error_code, job.lease_token) == ("queued", "LEASE_EXPIRED", None)
+    assert [e["message"] for e in client.history(job_id)] == ["its worker restarted; queued again"]

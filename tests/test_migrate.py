@@ -75,7 +75,6 @@ def supabase_like_db() -> Iterator[str]:
     url = create_database("gpuq_roles")
     with connect(url, make_settings(url)) as conn:
         migrate(conn)
-        conn.execute("select gpuq.register_instance('manual')")
         conn.execute("select gpuq.enqueue('q', '{}')")
     yield url
     drop_database(url)
@@ -87,14 +86,15 @@ def supabase_like_db() -> Iterator[str]:
         "select * from gpuq.jobs",
         "insert into gpuq.jobs (queue) values ('q')",
         "select gpuq.enqueue('q', '{}')",
-        "select * from gpuq.claim_jobs(1, '{q}', 1)",
+        "select * from gpuq.claim_jobs('gpuqi_0123456789abcdef', '{q}', 1)",
         "select * from gpuq.queue_stats()",
         "select * from gpuq.instances",
         "select * from gpuq.manager_instances()",
         "select * from gpuq.spend_by_day('UTC')",
         "select * from gpuq.avoided_machines",
         "select * from gpuq.manager_ticks",
-        "select gpuq.manager_silence_seconds()",
+        "select gpuq.manager_silence_seconds('gpuqi_0123456789abcdef')",
+        "select * from gpuq.config",
     ],
 )
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -104,9 +104,15 @@ def test_supabase_api_roles_reach_nothing(supabase_like_db: str, role: str, sql:
 
 
 def test_worker_role_runs_worker_functions_only(supabase_like_db: str) -> None:
-    as_role(supabase_like_db, "gpuq_worker", "select * from gpuq.claim_jobs(1, '{q}', 1)")
-    as_role(supabase_like_db, "gpuq_worker", "select * from gpuq.heartbeat(1)")
-    as_role(supabase_like_db, "gpuq_worker", "select gpuq.manager_silence_seconds()")
+    # it may call them, and without an instance's secret they refuse it (GQ401), not the privilege system
+    for sql in (
+        "select * from gpuq.claim_jobs('gpuqi_0123456789abcdef', '{q}', 1)",
+        "select * from gpuq.heartbeat('gpuqi_0123456789abcdef')",
+        "select gpuq.manager_silence_seconds('gpuqi_0123456789abcdef')",
+    ):
+        with pytest.raises(psycopg.Error) as refused:
+            as_role(supabase_like_db, "gpuq_worker", sql)
+        assert refused.value.sqlstate == "GQ401"
     for sql in (
         "select gpuq.record_tick()",  # a worker must not make a dead manager look alive
         "select * from gpuq.manager_ticks",
@@ -115,6 +121,11 @@ def test_worker_role_runs_worker_functions_only(supabase_like_db: str) -> None:
         "select gpuq.cancel_job(1)",
         "select gpuq.prune_jobs()",
         "update gpuq.jobs set status = 'succeeded'",
+        "select gpuq.drain_instance(1, 'x')",  # the manager's: a worker drains only itself
+        "select gpuq.release_instance_jobs(1)",
+        "select gpuq.enroll_instance(sha256('x'), '{q}')",
+        "select * from gpuq.config",
+        "update gpuq.config set retry_base_seconds = 3600",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             as_role(supabase_like_db, "gpuq_worker", sql)
@@ -129,7 +140,7 @@ def test_manager_role_runs_manager_functions_only(supabase_like_db: str) -> None
         "select * from gpuq.jobs",
         "select * from gpuq.instances",
         "select gpuq.enqueue('q', '{}')",
-        "select * from gpuq.claim_jobs(1, '{q}', 1)",
+        "select * from gpuq.claim_jobs('gpuqi_0123456789abcdef', '{q}', 1)",
         "select gpuq.prune_jobs()",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -144,7 +155,8 @@ def test_app_role_enqueues_and_reads_but_cannot_rewrite_state(supabase_like_db: 
         "update gpuq.jobs set status = 'succeeded'",
         "delete from gpuq.jobs",
         "insert into gpuq.jobs (queue, status) values ('q', 'succeeded')",
-        "select * from gpuq.claim_jobs(1, '{q}', 1)",
+        "select * from gpuq.claim_jobs('gpuqi_0123456789abcdef', '{q}', 1)",
+        "select gpuq.enroll_instance(sha256('x'), '{q}')",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             as_role(supabase_like_db, "gpuq_app", sql)

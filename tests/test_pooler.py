@@ -70,14 +70,17 @@ def test_everything_works_through_a_transaction_pooler(
     settings = make_settings(pooled_url, tmp_path, transaction_pooler=True, poll_seconds=0.2)
     pooled = Client.connect(pooled_url, settings)
     other = Client.connect(pooled_url, settings)
-    instance = pooled.register_instance("manual", None, queues=["pool"])
+    _, secret = pooled.enroll(["pool"], max_concurrency=20)
+    instance = other.as_instance(secret)
+    instance.register()
     ids = [pooled.enqueue("pool", {"n": n}) for n in range(20)]  # enough calls to pass any prepare threshold
 
     def work() -> None:
         time.sleep(0.3)
-        for job in other.claim(instance, ["pool"], 20):
-            other.progress(job.id, job.attempt, 50)
-            other.complete(job.id, job.attempt, {"n": job.payload["n"]})
+        for job in instance.claim(["pool"], 20):
+            assert job.lease_token is not None
+            instance.progress(job.id, job.lease_token, 50)
+            instance.complete(job.id, job.lease_token, {"n": job.payload["n"]})
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -85,6 +88,6 @@ def test_everything_works_through_a_transaction_pooler(
     thread.join()
     assert done.status == "succeeded" and done.result == {"n": 19}
     assert all(pooled.get(i).status == "succeeded" for i in ids)
-    assert pooled.heartbeat(instance).lost == []
+    assert pooled.as_instance(secret).heartbeat().lost == []
     pooled.close()
     other.close()

@@ -54,6 +54,13 @@ class WorkerSettings:
     # database this long) runs self_terminate_cmd and exits: it bills for nobody. 0: never.
     orphan_timeout_seconds: float = 0.0
     self_terminate_cmd: str = ""
+    # The instance's secret from the manager or `gpuq enroll` (GPUQ_INSTANCE_SECRET); empty: the worker
+    # enrolls itself, which only a login with the manager's rights may do (the embedded default).
+    instance_secret: str = ""
+    # How long to wait for the manager to record the rent before the secret is known (it creates the
+    # machine first, then records it).
+    register_wait_seconds: float = 300.0
+    state_dir: Path = Path(".gpuq/worker")  # the rotated secret and outcomes not yet reported
 
     @property
     def backends(self) -> list[str]:
@@ -130,6 +137,13 @@ class WorkerSettings:
             # exiting alone would leave the machine billing: it has to be told how to end itself
             raise ConfigError("GPUQ_ORPHAN_TIMEOUT_SECONDS needs GPUQ_SELF_TERMINATE_CMD")
 
+        secret = (env.get("GPUQ_INSTANCE_SECRET") or "").strip()
+        if secret and not 16 <= len(secret) <= 256:
+            raise ConfigError("GPUQ_INSTANCE_SECRET is not an instance secret (16 to 256 characters)")
+        register_wait = parse_float(env, "GPUQ_REGISTER_WAIT_SECONDS", 300.0)
+        if register_wait < 0:
+            raise ConfigError(f"GPUQ_REGISTER_WAIT_SECONDS must not be negative, got {register_wait:g}")
+
         storage_url = env.get("GPUQ_STORAGE_URL") or str(settings.data_dir / "outputs")
         raw_dirs = env.get("GPUQ_INPUT_DIRS")
         input_dirs = parse_input_dirs(raw_dirs) if raw_dirs else _local_storage_root(storage_url)
@@ -157,6 +171,9 @@ class WorkerSettings:
             work_dir=settings.data_dir / "work",
             orphan_timeout_seconds=orphan_timeout,
             self_terminate_cmd=terminate_cmd,
+            instance_secret=secret,
+            register_wait_seconds=register_wait,
+            state_dir=settings.data_dir / "worker",
         )
 
 

@@ -1,4 +1,5 @@
-"""Fetching a job's inputs (http(s), s3://, supabase://, local paths) and naming its outputs."""
+"""Fetching a job's inputs (http(s), s3://, supabase://, local paths), checking input images, and naming
+outputs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -16,10 +18,12 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import requests
 import urllib3
+from PIL import Image, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from gpuq.settings import SettingError, parse_int
 from worker.errors import ErrorCode, JobError
 from worker.storage import storage_from_url
 from worker.storage.base import Storage
@@ -75,17 +79,84 @@ _NAT64 = _networks("64:ff9b::/96", "64:ff9b:1::/48")  # the IPv4 address in the 
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated; the same
 
 
+# Input images: the formats Pillow may open (any other plugin never sees the file: EPS would run
+# Ghostscript) and the most pixels across all frames (a 160 KiB PNG can declare 13,000 x 13,000 pixels,
+# ~2 GB once decoded into a tensor).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    formats: tuple[str, ...] = IMAGE_FORMATS  # Pillow's format names
+    max_pixels: int = IMAGE_MAX_PIXELS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ImageLimits:
+        """GPUQ_IMAGE_FORMATS ("png,jpeg,webp") and GPUQ_IMAGE_MAX_PIXELS; raises SettingError."""
+        raw = (env.get("GPUQ_IMAGE_FORMATS") or "").strip()
+        formats = IMAGE_FORMATS
+        if raw:
+            Image.init()
+            aliases = {"JPG": "JPEG", "TIF": "TIFF"}
+            names = [aliases.get(f.strip().upper(), f.strip().upper()) for f in raw.split(",") if f.strip()]
+            unknown = [n for n in names if n not in Image.OPEN]
+            if unknown or not names:
+                raise SettingError(
+                    f"GPUQ_IMAGE_FORMATS must name image formats Pillow reads, e.g. png,jpeg,webp; "
+                    f"got {raw!r}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                )
+            formats = tuple(dict.fromkeys(names))
+        max_pixels = parse_int(env, "GPUQ_IMAGE_MAX_PIXELS", IMAGE_MAX_PIXELS)
+        if max_pixels < 1:
+            raise SettingError(f"GPUQ_IMAGE_MAX_PIXELS must be at least 1, got {max_pixels}")
+        return cls(formats, max_pixels)
+
+
+DEFAULT_IMAGE_LIMITS = ImageLimits()
+
+
+def check_image(path: Path, limits: ImageLimits, what: str) -> str:
+    """The one check of every image a backend decodes or uploads: answers its format ("PNG"), or raises
+    INPUT_INVALID unless it is in an allowed format with at most max_pixels across its frames.
+
+    Reads the header only, before anything is decoded; decode it afterwards with
+    `Image.open(path, formats=limits.formats)`, so that the file decoded is the format checked.
+    """
+    allowed = ", ".join(limits.formats)
+    over = f"over the limit of {limits.max_pixels} (GPUQ_IMAGE_MAX_PIXELS)"
+    try:
+        with Image.open(path, formats=limits.formats) as image:
+            width, height = image.size
+            frames = int(getattr(image, "n_frames", 1))
+            fmt = str(image.format)
+    except Image.DecompressionBombError:  # Pillow's own limit, past twice its MAX_IMAGE_PIXELS
+        raise JobError(ErrorCode.INPUT_INVALID, f"{what} has too many pixels, {over}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise JobError(
+            ErrorCode.INPUT_INVALID, f"{what} is not an image in an allowed format ({allowed}): {exc}"
+        ) from None
+    pixels = width * height * frames
+    if pixels > limits.max_pixels:
+        shape = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise JobError(ErrorCode.INPUT_INVALID, f"{what} is {shape}, {pixels} pixels, {over}")
+    return fmt
+
+
 def safe_name(name: str, default: str = "file") -> str:
     """A plain file name: path separators and odd characters become "_", no leading dots, <= 200 chars."""
     name = _UNSAFE.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
     return name[-200:] or default
 
 
-def output_key(queue: str, job_id: int, name: str, now: datetime) -> str:
-    """The storage key of one output: "queue/YYYY-MM-DD/job_id/name", the date in UTC."""
+def output_key(queue: str, job_id: int, name: str, now: datetime, attempt: int | None = None) -> str:
+    """The storage key of one output: "queue/YYYY-MM-DD/job_id/name", the date in UTC; with the attempt,
+    "queue/YYYY-MM-DD/job_id/attempt/name", so that an attempt that lost its lease and still uploads
+    can never overwrite the output of the attempt that was accepted."""
     if now.tzinfo is not None:
         now = now.astimezone(UTC)
-    return f"{safe_name(queue, 'default')}/{now:%Y-%m-%d}/{job_id}/{safe_name(name, 'output')}"
+    job = f"{job_id}" if attempt is None else f"{job_id}/{attempt}"
+    return f"{safe_name(queue, 'default')}/{now:%Y-%m-%d}/{job}/{safe_name(name, 'output')}"
 
 
 def _unique_dest(dest_dir: Path, name: str) -> Path:

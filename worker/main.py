@@ -1,24 +1,29 @@
 """The worker: claim jobs, run them on a backend, store their outputs, report, drain.
 
-Threads, each with its own database connection (psycopg connections are not thread-safe):
-  main       the claim loop: LISTEN gpuq_jobs with a polling fallback, claims up to the free slots
+Threads, sharing one database connection (Db):
+  main       the claim loop: waits for a gpuq_jobs NOTIFY (or polls), claims up to the free slots
   slot-N     one per slot (GPUQ_CONCURRENCY per backend): runs one job at a time
   heartbeat  extends leases, reports machine metrics, applies the reply (cancel, timeout, lost, drain)
   spot       (EC2) watches for the interruption notice and starts the drain
 
-A job's life here: claim → workdir + JobContext → backend.run (which fetches its inputs) → upload each
-output → complete. A JobError becomes fail_job with its code; anything else is WORKER_ERROR with the
-traceback in the job's history. A job this worker no longer holds (lost lease, released while
-draining) is stopped and never reported on: another worker owns it now.
+The worker acts as one instance, proven by that instance's secret (worker/identity.py), and on each job
+under the lease token its claim issued. A job's life here: claim → workdir + JobContext → backend.run
+(which fetches its inputs) → upload each output (under a key with the attempt) → complete. A JobError
+becomes fail_job with its code; anything else is WORKER_ERROR with the traceback in the job's history. A
+complete or fail that cannot reach the database waits in the outbox (worker/outbox.py) and is sent again.
+A job this worker no longer holds (lost lease, released while draining) is stopped and never reported on:
+another worker owns it now. An instance whose secret is refused has ended: the worker stops.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import math
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -32,18 +37,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
+from uuid import UUID
 
 import psycopg
 
 from gpuq import __version__
-from gpuq.client import JOBS_CHANNEL, Client, GpuqError, Job, Listener, NotHeld
+from gpuq.client import (
+    JOBS_CHANNEL,
+    Client,
+    GpuqError,
+    Held,
+    InstanceClient,
+    InvalidRequest,
+    Job,
+    NotAuthorized,
+    NotHeld,
+    Registration,
+    new_secret,
+    secret_hash,
+)
 from gpuq.settings import Settings
 from worker.backends.base import Backend, JobContext
 from worker.config import WorkerSettings
 from worker.errors import ErrorCode, JobError
 from worker.gpu import Probe
+from worker.identity import SecretStore
 from worker.inputs import fetch_input, output_key
 from worker.metrics import WorkerMetrics
+from worker.outbox import Outbox, Outcome
 from worker.spot import SpotWatcher
 from worker.storage.base import Storage
 
@@ -55,33 +76,86 @@ T = TypeVar("T")
 # because the job is no longer ours to report on.
 CANCEL, TIMEOUT, LOST, RELEASED = "cancel", "timeout", "lost", "released"
 SILENT = (LOST, RELEASED)
+PENDING = "pending"  # an outcome waiting in the outbox for the database
 DB_RETRIES = 3
 
 
-class Db:
-    """One thread's Client, reconnected when the connection drops (a restart, a network blip)."""
+def _key(secret: str) -> str:
+    """A name for this instance's files on disk that does not give its secret away."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
-    def __init__(self, url: str, settings: Settings) -> None:
+
+class Db:
+    """The worker's one connection to Postgres, shared by all its threads (psycopg serialises their calls),
+    acting as this worker's instance (the secret is read at each call: it changes once, at registration).
+    It LISTENs for new jobs on the same connection (not through a transaction pooler, which cannot; there
+    the worker polls), and is reconnected when it drops (a restart, a network blip). One connection per
+    worker is what lets a fleet of hundreds fit a small Postgres (or a pooler's few server connections)."""
+
+    def __init__(self, url: str, settings: Settings, secret: Callable[[], str]) -> None:
         self.url = url
         self.settings = settings
-        self.client = Client.connect(url, settings)
+        self.secret = secret
+        self._reconnecting = threading.Lock()
+        self.client = self._connect()
 
-    def call(self, fn: Callable[[Client], T]) -> T:
+    @property
+    def listens(self) -> bool:
+        return not self.settings.transaction_pooler
+
+    def _connect(self) -> Client:
+        client = Client.connect(self.url, self.settings, application_name="gpuq worker")
+        if self.listens:
+            client.conn.execute(f"listen {JOBS_CHANNEL}")
+        return client
+
+    def call(self, fn: Callable[[InstanceClient], T]) -> T:
         for attempt in range(DB_RETRIES):
+            client = self.client
             try:
-                return fn(self.client)
+                return fn(client.as_instance(self.secret()))
             except psycopg.OperationalError as exc:
                 if attempt == DB_RETRIES - 1:
                     raise
                 log.warning("database connection lost (%s); reconnecting", exc)
                 time.sleep(0.5 * (attempt + 1))
-                with contextlib.suppress(Exception):
-                    self.client.close()
-                try:
-                    self.client = Client.connect(self.url, self.settings)
-                except psycopg.OperationalError as again:
-                    log.warning("reconnect failed: %s", again)
+                self._reconnect(client)
         raise AssertionError("unreachable")
+
+    def _reconnect(self, broken: Client) -> None:
+        """A new connection in place of `broken`, unless another thread has made one already."""
+        with self._reconnecting:
+            if self.client is not broken:
+                return
+            with contextlib.suppress(Exception):
+                broken.close()
+            try:
+                self.client = self._connect()
+            except psycopg.OperationalError as again:
+                log.warning("reconnect failed: %s", again)
+
+    def wait_for_jobs(self, timeout: float) -> bool:
+        """Until a new-jobs notification (True) or `timeout` (False). The connection is held only to read
+        what has arrived, never while waiting: the other threads' calls go through meanwhile."""
+        if not self.listens:
+            time.sleep(timeout)
+            return False
+        deadline = time.monotonic() + timeout
+        client = self.client
+        try:
+            while True:
+                # notifications read by another thread's call wait in psycopg's backlog: this yields them
+                if any(n.channel == JOBS_CHANNEL for n in client.conn.notifies(timeout=0)):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                select.select([client.conn.fileno()], [], [], min(left, 0.25))
+        except (psycopg.OperationalError, OSError, ValueError) as exc:  # closed or broken meanwhile
+            log.warning("waiting for jobs: %s; reconnecting", exc)
+            time.sleep(min(timeout, 0.5))
+            self._reconnect(client)
+            return False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -122,6 +196,12 @@ class Worker:
         self.gpu_count = len(gpus) or None
         self.vram_mb = min(g.memory_total_mb for g in gpus) if gpus else None
         self.instance_id: int | None = None
+        self.db: Db  # set by run()
+        self.secret = config.instance_secret  # replaced at registration (worker/identity.py)
+        self.registration: Registration | None = None
+        self.lease_seconds = settings.lease_seconds  # within the database's bounds once registered
+        self.heartbeat_seconds = config.heartbeat_seconds
+        self.outbox = Outbox(config.state_dir / "outbox")
         # per succeeded job: seconds per phase (claim, fetch, inference, upload, complete); for benchmarks
         self.phase_log: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
 
@@ -133,8 +213,12 @@ class Worker:
         self._drain = threading.Event()
         self._drain_reason = ""
         self._release_now = threading.Event()  # skip what is left of the grace period
-        self._shutdown = False  # the heartbeat said the instance is gone: release at once
+        self._shutdown = False  # the instance's secret was refused: it ended; report nothing more
         self._hb_stop = threading.Event()
+        # Claims and heartbeats one at a time: a heartbeat names every job held, and a job claimed while
+        # one is in flight must not be missing from it (the database would take it back).
+        self._claim_lock = threading.Lock()
+        self._pending: dict[int, Outcome] = {}  # job id -> an outcome waiting in the outbox
         self._threads: list[threading.Thread] = []
         # The orphan check (config.orphan_timeout_seconds): when a job last started or ended, when the
         # database last answered a heartbeat, and why this instance is ending itself, if it is.
@@ -173,26 +257,12 @@ class Worker:
             log.info("starting backend %s", name)
             self.backends[name].start()
 
-        main_db = Db(self.url, self.settings)
-        hb_db = Db(self.url, self.settings)
-        listener = Listener(self.url, self.settings, [JOBS_CHANNEL])
+        db = Db(self.url, self.settings, lambda: self.secret)  # the one connection: every thread's calls
+        self.db = db
         spot: SpotWatcher | None = None
+        finished = False  # drained on purpose: leave for good (deregister)
         try:
-            self.instance_id = main_db.call(
-                lambda c: c.register_instance(
-                    self.config.provider,
-                    self.config.provider_instance_id,
-                    gpu_name=self.gpu_name,
-                    gpu_count=self.gpu_count,
-                    vram_mb=self.vram_mb,
-                    queues=list(self.config.queues),
-                    backends=self.config.backends,
-                    max_concurrency=self.config.max_concurrency,
-                    version=__version__,
-                    hostname=socket.gethostname(),
-                )
-            )
-            log.info("registered as instance %s", self.instance_id)
+            self._register(db)
             if self.config.metrics_port:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             for backend in self.config.backends:
@@ -203,9 +273,7 @@ class Worker:
                     )
                     t.start()
                     self._threads.append(t)
-            hb = threading.Thread(
-                target=self._heartbeat_loop, args=(hb_db,), name="gpuq-heartbeat", daemon=True
-            )
+            hb = threading.Thread(target=self._heartbeat_loop, args=(db,), name="gpuq-heartbeat", daemon=True)
             hb.start()
             if self.config.spot_watch:
                 spot = SpotWatcher(
@@ -214,32 +282,30 @@ class Worker:
                     self.config.spot_poll_seconds,
                 )
                 spot.start()
-            listener.start()
-            self._claim_loop(main_db, listener)
-            self._finish(main_db)
+            self._claim_loop(db)
+            self._finish(db)
             self._hb_stop.set()
             hb.join(5)
+            finished = True
         finally:
             self._hb_stop.set()
             if spot is not None:
                 spot.stop()
-            listener.close()
             for inbox in self._inboxes.values():
                 for _ in range(self.config.max_concurrency):
                     inbox.put(None)
-            if self.instance_id is not None:
+            if finished and self.instance_id is not None and not self._shutdown:
+                # Leaving for good. (After a crash the instance stays: a restarted worker takes it up again,
+                # and the jobs the crashed one held go back to the queue when it registers.)
+                self._flush_outbox(db)
                 try:
-                    n = main_db.call(
-                        lambda c: c.deregister_instance(
-                            self.instance_id or 0, self._drain_reason or "worker exited"
-                        )
-                    )
+                    n = db.call(lambda c: c.deregister(self._drain_reason or "worker exited"))
                     if n:
                         log.info("deregistered; %d job(s) handed back", n)
+                    self._forget_instance()
                 except Exception as exc:
                     log.error("deregister failed: %s (the manager's reconciliation will catch up)", exc)
-            main_db.close()
-            hb_db.close()
+            db.close()
             for b in self.backends.values():
                 try:
                     b.close()
@@ -250,9 +316,125 @@ class Worker:
                 self._self_terminate()
         return 0
 
+    # -- identity ---------------------------------------------------------------------------------
+
+    def _register(self, db: Db) -> None:
+        """Become the instance: enroll (no secret given: only a login with the manager's rights may), or
+        take up the manager's instance with the secret it gave, waiting while the manager has not yet
+        recorded the rent; replace that secret with a new one (worker/identity.py)."""
+        if not self.config.instance_secret:
+            self._enroll_self(db)
+        self.outbox = Outbox(
+            self.config.state_dir / f"outbox-{_key(self.config.instance_secret or self.secret)}"
+        )
+        report = {
+            "gpu_name": self.gpu_name,
+            "gpu_count": self.gpu_count,
+            "vram_mb": self.vram_mb,
+            "version": __version__,
+            "hostname": socket.gethostname(),
+        }
+        deadline = time.monotonic() + self.config.register_wait_seconds
+        while True:
+            try:
+                reg = self._register_once(db, report)
+                break
+            except NotAuthorized:
+                if time.monotonic() >= deadline or self._drain.is_set():
+                    raise SystemExit(
+                        "gpuq worker: the database refuses this instance's secret (GPUQ_INSTANCE_SECRET): "
+                        "its instance ended, or it was never recorded"
+                    ) from None
+                log.info(
+                    "this instance is not recorded yet (the manager records a rent after creating it); "
+                    "waiting"
+                )
+                self._drain.wait(2.0)
+        self.registration = reg
+        self.instance_id = reg.instance_id
+        self.lease_seconds = min(
+            max(self.settings.lease_seconds, reg.min_lease_seconds), reg.max_lease_seconds
+        )
+        if self.lease_seconds != self.settings.lease_seconds:
+            log.warning(
+                "GPUQ_LEASE_SECONDS=%s is outside the database's bounds; leases are %s s",
+                self.settings.lease_seconds,
+                self.lease_seconds,
+            )
+        if self.heartbeat_seconds >= self.lease_seconds / 2:
+            self.heartbeat_seconds = self.lease_seconds / 4
+        served = [q for q in reg.queues if q in self.config.queues]
+        missing = [q for q in reg.queues if q not in self.config.queues]
+        if missing:
+            log.error(
+                "instance %s serves %s, but GPUQ_QUEUES has no backend for %s",
+                reg.instance_id,
+                ", ".join(reg.queues),
+                ", ".join(missing),
+            )
+        log.info(
+            "registered as instance %s: serves %s, %s job(s) at once",
+            reg.instance_id,
+            ", ".join(served) or "nothing this worker runs",
+            reg.max_concurrency,
+        )
+
+    def _register_once(self, db: Db, report: dict[str, Any]) -> Registration:
+        """Find the secret that works (the rotated one on disk, else the given one), send what an earlier
+        worker of this instance left in the outbox, then register with a new secret. NotAuthorized: none
+        works (yet)."""
+        if not self.config.instance_secret:  # enrolled just now: nothing to rotate, nothing to keep
+            self._flush_outbox(db)
+            return db.call(lambda c: c.register(**report))
+        store = SecretStore(self.config.state_dir, self.config.instance_secret)
+        for candidate in store.candidates():
+            try:  # a call that changes nothing, to find the secret that works
+                db.call(lambda c, s=candidate: c.client.as_instance(s).manager_silence_seconds())
+            except NotAuthorized:
+                store.save([s for s in store.stored() if s != candidate])
+                continue
+            self.secret = candidate
+            self._flush_outbox(db)
+            stored = store.stored()
+            fresh = new_secret()
+            store.save([fresh, *stored])  # before the call that may install it
+            try:
+                fresh_hash = secret_hash(fresh)
+                reg = db.call(lambda c, h=fresh_hash: c.register(**report, new_secret_hash=h))
+            except NotAuthorized:  # ended in between
+                store.save([s for s in stored if s != candidate])
+                continue
+            store.save([fresh])
+            self.secret = fresh
+            return reg
+        raise NotAuthorized("no stored or given secret is accepted")
+
+    def _forget_instance(self) -> None:
+        """The instance has ended: its kept secret is dead and its outbox delivered; leave no files behind."""
+        if self.config.instance_secret:
+            SecretStore(self.config.state_dir, self.config.instance_secret).path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.outbox.directory.rmdir()  # only when empty: an undelivered outcome stays
+
+    def _enroll_self(self, db: Db) -> None:
+        try:
+            _, self.secret = db.client.enroll(
+                list(self.config.queues),
+                max_concurrency=self.config.max_concurrency,
+                vram_mb=self.vram_mb or 0,
+                gpu_name=self.gpu_name,
+                provider=self.config.provider,
+            )
+        except psycopg.errors.InsufficientPrivilege:
+            raise SystemExit(
+                "gpuq worker: GPUQ_INSTANCE_SECRET is not set, and this database login may not enroll an "
+                "instance itself; an operator runs `gpuq enroll --queues QUEUE,...` and gives this worker "
+                "the secret it prints"
+            ) from None
+
     # -- claiming ---------------------------------------------------------------------------------
 
-    def _claim_loop(self, db: Db, listener: Listener) -> None:
+    def _claim_loop(self, db: Db) -> None:
         assert self.instance_id is not None
         while not self._drain.is_set():
             claimed = 0
@@ -264,43 +446,45 @@ class Worker:
                     continue
                 started = time.monotonic()
                 try:
-                    jobs = db.call(
-                        lambda c, b=backend, n=free: c.claim(
-                            self.instance_id or 0,
-                            self.config.queues_of(b),
-                            n,
-                            vram_mb=self.vram_mb,
-                            lease_seconds=self.settings.lease_seconds,
+                    with self._claim_lock:  # claimed and dispatched before any heartbeat's list is made
+                        jobs = db.call(
+                            lambda c, b=backend, n=free: c.claim(
+                                self.config.queues_of(b), n, lease_seconds=self.lease_seconds
+                            )
                         )
-                    )
+                        claim_seconds = time.monotonic() - started
+                        for job in jobs:
+                            self._dispatch(job, backend, claim_seconds)
+                except NotAuthorized:
+                    self._ended()
+                    break
                 except (psycopg.Error, GpuqError) as exc:
                     log.error("claim failed: %s", exc)
                     self._drain.wait(1.0)
                     continue
-                claim_seconds = time.monotonic() - started
                 self.metrics.claims.labels(backend).inc()
-                for job in jobs:
-                    self._dispatch(job, backend, claim_seconds)
                 claimed += len(jobs)
                 if len(jobs) < free:
                     free_any = True
             if claimed and not free_any:
                 continue  # every slot asked for got a job: there may be more, and no slot is free anyway
             if free_any and not claimed:
-                self._wait_for_work(listener)
+                self._wait_for_work(db)
             elif not free_any:
                 self._wake.wait(self.settings.poll_seconds)  # all slots busy: wait for one to free up
                 self._wake.clear()
 
-    def _wait_for_work(self, listener: Listener) -> None:
+    def _wait_for_work(self, db: Db) -> None:
         """Until a NOTIFY, the poll interval, or a drain: in short waits, so a signal is seen quickly."""
         deadline = time.monotonic() + self.settings.poll_seconds
         while not self._drain.is_set():
             left = deadline - time.monotonic()
-            if left <= 0 or listener.wait(min(left, 0.25)):
+            if left <= 0 or db.wait_for_jobs(min(left, 0.25)):
                 return
 
     def _dispatch(self, job: Job, backend: str, claim_seconds: float) -> None:
+        assert job.lease_token is not None
+        token = job.lease_token
         workdir = self.config.work_dir / f"{job.id}-{job.attempt}"
         running: Running
         timings: dict[str, float] = {"fetch": 0.0}
@@ -326,7 +510,7 @@ class Worker:
             if db is None or running.stop in SILENT:
                 return
             try:
-                db.call(lambda c: c.progress(job.id, job.attempt, int(percent), message))
+                db.call(lambda c: c.progress(job.id, token, int(percent), message))
             except NotHeld:
                 # another worker has it now: stop, and report nothing more
                 running.stop = running.stop or LOST
@@ -359,31 +543,20 @@ class Worker:
     # -- running ----------------------------------------------------------------------------------
 
     def _slot(self, backend: str) -> None:
-        db: Db | None = None
         inbox = self._inboxes[backend]
-        try:
+        while (running := inbox.get()) is not None:
             try:
-                db = Db(self.url, self.settings)  # now, so the first job does not wait for it
-            except psycopg.OperationalError as exc:
-                log.warning("slot could not connect yet (%s); will retry at its first job", exc)
-            while (running := inbox.get()) is not None:
-                try:
-                    if db is None:
-                        db = Db(self.url, self.settings)
-                    running.db = db
-                    self._run_job(db, running)
-                except Exception:
-                    log.exception("job %s: the slot failed outside the job", running.job.id)
-                finally:
-                    with self._lock:
-                        self._running.pop(running.job.id, None)
-                        self._busy[backend] -= 1
-                        self._last_active = time.monotonic()
-                        self.metrics.running.labels(backend).set(self._busy[backend])
-                    self._wake.set()
-        finally:
-            if db is not None:
-                db.close()
+                running.db = self.db
+                self._run_job(self.db, running)
+            except Exception:
+                log.exception("job %s: the slot failed outside the job", running.job.id)
+            finally:
+                with self._lock:
+                    self._running.pop(running.job.id, None)
+                    self._busy[backend] -= 1
+                    self._last_active = time.monotonic()
+                    self.metrics.running.labels(backend).set(self._busy[backend])
+                self._wake.set()
 
     def _run_job(self, db: Db, r: Running) -> None:
         job, ctx = r.job, r.ctx
@@ -403,7 +576,7 @@ class Worker:
             now = datetime.now(UTC)
             outputs = []
             for out in result.outputs:
-                key = output_key(job.queue, job.id, out.name, now)
+                key = output_key(job.queue, job.id, out.name, now, attempt=job.attempt)
                 url = self.storage.put(key, out.path, out.content_type)
                 outputs.append(
                     {
@@ -428,11 +601,20 @@ class Worker:
                 outcome = r.stop
                 return
             started = time.monotonic()
+            token = job.lease_token
+            assert token is not None
             try:
-                db.call(lambda c: c.complete(job.id, job.attempt, {"outputs": outputs, "metrics": metrics}))
-            except NotHeld as exc:
-                outcome = LOST
-                log.warning("job %s: finished but no longer ours (%s); dropping the result", job.id, exc)
+                done = Outcome(
+                    "complete", job.id, token, job.queue, {"result": {"outputs": outputs, "metrics": metrics}}
+                )
+                status = self._report(db, done)
+            except InvalidRequest as exc:  # e.g. a result over the size limit: the job fails, clearly
+                outcome = self._fail(
+                    db, r, ErrorCode.WORKER_ERROR, f"the result was refused: {exc}", False, None
+                )
+                return
+            if status != "succeeded":
+                outcome = status
                 return
             complete_seconds = time.monotonic() - started
             self.phase_log.append(
@@ -491,15 +673,11 @@ class Worker:
         if r.stop in SILENT:
             log.info("job %s stopped (%s): %s; not reporting it", job.id, r.stop, message)
             return r.stop or LOST
-        try:
-            status = db.call(
-                lambda c: c.fail(
-                    job.id, job.attempt, str(code), message, retryable=retryable, details=details
-                )
-            )
-        except NotHeld as exc:
-            log.warning("job %s: failed (%s) but no longer ours (%s)", job.id, code, exc)
-            return LOST
+        assert job.lease_token is not None
+        args = {"error_code": str(code), "message": message, "retryable": retryable, "details": details}
+        status = self._report(db, Outcome("fail", job.id, job.lease_token, job.queue, args))
+        if status in (LOST, PENDING):
+            return status
         log.log(
             logging.ERROR if code == ErrorCode.WORKER_ERROR else logging.WARNING,
             "job %s %s: %s: %s%s",
@@ -511,12 +689,86 @@ class Worker:
         )
         return "retried" if status == "queued" else status
 
+    # -- reporting --------------------------------------------------------------------------------
+
+    def _report(self, db: Db, outcome: Outcome) -> str:
+        """Send a complete or fail. Answers the job's status now (succeeded, queued, failed, cancelled),
+        LOST when this instance does not hold it, or PENDING when the database cannot be reached: the
+        outcome then waits in the outbox and is sent again after a heartbeat gets through."""
+        try:
+            return self._send(db, outcome)
+        except psycopg.OperationalError as exc:
+            self.outbox.put(outcome)
+            with self._lock:
+                self._pending[outcome.job_id] = outcome
+            log.warning(
+                "job %s: the database cannot take its %s now (%s); kept on disk and sent again",
+                outcome.job_id,
+                outcome.kind,
+                exc,
+            )
+            return PENDING
+
+    def _send(self, db: Db, o: Outcome) -> str:
+        """One report (with Db's reconnects); psycopg.OperationalError when the database is unreachable."""
+        try:
+            if o.kind == "complete":
+                db.call(lambda c: c.complete(o.job_id, o.token, o.args["result"]))
+                return "succeeded"
+            a = o.args
+            return db.call(
+                lambda c: c.fail(
+                    o.job_id,
+                    o.token,
+                    a["error_code"],
+                    a["message"],
+                    retryable=a["retryable"],
+                    details=a["details"],
+                )
+            )
+        except NotHeld as exc:
+            log.warning("job %s: its %s was refused: no longer ours (%s)", o.job_id, o.kind, exc)
+            return LOST
+        except NotAuthorized:
+            log.warning("job %s: its %s was refused: this instance has ended", o.job_id, o.kind)
+            return LOST
+
+    def _flush_outbox(self, db: Db) -> None:
+        """Send what waits in the outbox, until the database is unreachable again."""
+        for o in self.outbox.pending():
+            try:
+                status = self._send(db, o)
+            except psycopg.OperationalError:
+                return
+            except InvalidRequest as exc:
+                log.error("job %s: its kept %s is refused for good: %s", o.job_id, o.kind, exc)
+                status = LOST
+            self.outbox.remove(o)
+            with self._lock:
+                self._pending.pop(o.job_id, None)
+            log.info("job %s: its kept %s is delivered (%s)", o.job_id, o.kind, status)
+
+    def _ended(self) -> None:
+        """The database refuses this instance's secret: the instance ended (destroyed, failed, lost,
+        deregistered, or its enrolment expired). Stop at once; nothing of ours may be reported any more."""
+        if self._shutdown:
+            return
+        self._shutdown = True
+        log.error("the database no longer accepts this instance's secret: its instance has ended; stopping")
+        with self._lock:
+            for r in self._running.values():
+                r.stop = r.stop if r.stop in SILENT else LOST
+                r.ctx.cancelled.set()
+        if self.config.self_terminate_cmd and not self._orphaned:
+            self._orphaned = "its instance ended"  # the machine too: nobody may use it now
+        self.request_drain("its instance ended", now=True)
+
     # -- heartbeat --------------------------------------------------------------------------------
 
-    def _stop_job(self, job_id: int, attempt: int, reason: str) -> None:
+    def _stop_job(self, job_id: int, token: UUID | None, reason: str) -> None:
         with self._lock:
             r = self._running.get(job_id)
-        if r is None or r.job.attempt != attempt:
+        if r is None or r.job.lease_token != token:
             return
         if r.stop is None or reason in SILENT:  # a lost lease overrides a cancel: nothing may be reported
             r.stop = reason
@@ -524,33 +776,33 @@ class Worker:
         log.info("job %s: stopping (%s)", job_id, reason)
 
     def _heartbeat_loop(self, db: Db) -> None:
-        while not self._hb_stop.wait(self.config.heartbeat_seconds):
+        while not self._hb_stop.wait(self.heartbeat_seconds):
             self.beat(db)
 
     def beat(self, db: Db) -> None:
         assert self.instance_id is not None
         with self._lock:
-            held = [(r.job.id, r.job.attempt) for r in self._running.values() if r.stop not in SILENT]
             overdue = [
-                (r.job.id, r.job.attempt)
+                (r.job.id, r.job.lease_token)
                 for r in self._running.values()
                 if r.stop is None and time.monotonic() > r.ctx.deadline
             ]
-        for job_id, attempt in overdue:  # our own clock says so, whatever the database does
-            self._stop_job(job_id, attempt, TIMEOUT)
+        for job_id, token in overdue:  # our own clock says so, whatever the database does
+            self._stop_job(job_id, token, TIMEOUT)
         sample = self.probe.sample()
         self.metrics.observe_sample(sample)
-        sample |= {
-            "running": len(held),
-            "slots": self.config.max_concurrency,
-            "draining": self._drain.is_set(),
-        }
         try:
-            reply = db.call(
-                lambda c: c.heartbeat(
-                    self.instance_id or 0, held, sample, lease_seconds=self.settings.lease_seconds
-                )
-            )
+            with self._claim_lock:  # every job held is in the list: one missing would be taken back
+                held = self._held()
+                sample |= {
+                    "running": len(held),
+                    "slots": self.config.max_concurrency,
+                    "draining": self._drain.is_set(),
+                }
+                reply = db.call(lambda c: c.heartbeat(held, sample, lease_seconds=self.lease_seconds))
+        except NotAuthorized:
+            self._ended()
+            return
         except (psycopg.Error, GpuqError) as exc:
             self.metrics.heartbeats.labels("error").inc()
             log.error("heartbeat failed: %s", exc)
@@ -558,6 +810,8 @@ class Worker:
             return
         self.metrics.heartbeats.labels("ok").inc()
         self._db_ok_at = time.monotonic()
+        if self._pending:  # the database answers again: what waits in the outbox gets its answer now
+            self._flush_outbox(db)
         timeout = self.config.orphan_timeout_seconds
         if timeout and not held and time.monotonic() - self._last_active >= timeout:
             # only then can the manager's silence matter: a busy worker does not ask every heartbeat
@@ -567,17 +821,22 @@ class Worker:
                 log.warning("could not read the manager's last tick: %s", exc)
             else:
                 self._check_orphaned(math.inf if silence is None else silence, idle=not held)
-        for job_id, attempt in reply.cancel:
-            self._stop_job(job_id, attempt, CANCEL)
-        for job_id, attempt in reply.timeout:
-            self._stop_job(job_id, attempt, TIMEOUT)
-        for job_id, attempt in reply.lost:
-            self._stop_job(job_id, attempt, LOST)
-        if reply.shutdown:
-            self._shutdown = True
-            self.request_drain("the instance was marked terminated or lost", now=True)
-        elif reply.drain:
+        for job_id, token in reply.cancel:
+            self._stop_job(job_id, token, CANCEL)
+        for job_id, token in reply.timeout:
+            self._stop_job(job_id, token, TIMEOUT)
+        for job_id, token in reply.lost:
+            self._stop_job(job_id, token, LOST)
+        if reply.drain:
             self.request_drain("the manager asked this instance to drain")
+
+    def _held(self) -> list[Held]:
+        """Every (job, lease token) this worker holds: running and not given up, or with an outcome
+        waiting in the outbox."""
+        with self._lock:
+            held = [(r.job.id, r.job.lease_token) for r in self._running.values() if r.stop not in SILENT]
+            held += [o.held for o in self._pending.values()]
+        return [(j, t) for j, t in dict(held).items() if t is not None]
 
     def _check_orphaned(self, manager_silence: float | None, *, idle: bool) -> None:
         """End this instance if no one looks after it: no manager tick and no job for the orphan
@@ -624,7 +883,7 @@ class Worker:
         assert self.instance_id is not None
         if not self._shutdown:
             try:
-                db.call(lambda c: c.drain_instance(self.instance_id or 0, self._drain_reason))
+                db.call(lambda c: c.request_drain(self._drain_reason))
             except (psycopg.Error, GpuqError) as exc:
                 log.warning("could not mark the instance draining: %s", exc)
         grace = self.config.drain_grace_seconds
@@ -645,9 +904,10 @@ class Worker:
             left = list(self._running.values())
             for r in left:
                 r.stop = RELEASED  # first, so the slot reports nothing once its backend stops
-        if left:
+        if left and not self._shutdown:
+            held = [(r.job.id, r.job.lease_token) for r in left if r.job.lease_token is not None]
             try:
-                n = db.call(lambda c: c.release(self.instance_id or 0, [r.job.id for r in left]))
+                n = db.call(lambda c: c.release(held))
                 log.info("released %d job(s) back to the queue", n)
             except (psycopg.Error, GpuqError) as exc:
                 log.error("release failed: %s (their leases will expire instead)", exc)

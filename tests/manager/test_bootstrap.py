@@ -50,24 +50,36 @@ def test_a_script_too_big_to_pack_is_fetched_or_refused() -> None:
     assert "curl -fsSL" in fetch and len(fetch) < 1000
 
 
-def test_instances_get_the_worker_role_and_named_storage_credentials_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+PIN = "gpuq==0.1.0 --hash=sha256:" + "ab" * 32  # a pinned release: no upload needed to build an env
+
+
+def test_instances_get_the_worker_role_and_named_credentials_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://manager:secret@db/app")
     monkeypatch.setenv("GPUQ_WORKER_DATABASE_URL", "postgresql://gpuq_worker:w@db/app")
-    monkeypatch.setenv("GPUQ_WORKER_ENV", "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA1")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
-    monkeypatch.setenv("VAST_API_KEY", "vast-key")
+    monkeypatch.setenv("GPUQ_WORKER_ENV", "SUPABASE_URL")
+    monkeypatch.setenv("SUPABASE_URL", "https://proj.supabase.co")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAMANAGER000000001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "manager-secret-access-key-0123456789abcdef")
+    monkeypatch.setenv("VAST_API_KEY", "vast-key-0123456789abcdef")
     monkeypatch.setenv("GPUQ_STORAGE_URL", "s3://bucket/out")
-    ms = from_dict({"queues": {"tts": {"provider": "vast", "backend": "f5tts"}}})
+    monkeypatch.setenv("GPUQ_INSTALL_SPEC", PIN)
+    # the queue's own, worker-scoped keys: other values than the manager's
+    worker_keys = {
+        "AWS_ACCESS_KEY_ID": "AKIAWORKER0000000001",
+        "AWS_SECRET_ACCESS_KEY": "worker-only-secret-0",
+    }
+    ms = from_dict({"queues": {"tts": {"provider": "vast", "backend": "f5tts", "env": worker_keys}}})
     env = instance_env(ms, "tts", "vast")
     assert env["DATABASE_URL"] == "postgresql://gpuq_worker:w@db/app"
     assert env["GPUQ_QUEUES"] == "tts=f5tts" and env["GPUQ_STORAGE_URL"] == "s3://bucket/out"
-    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cret"
-    assert "vast-key" not in str(env) and "manager:secret" not in str(env)
+    assert env["SUPABASE_URL"] == "https://proj.supabase.co" and env["GPUQ_INSTALL_SPEC"] == PIN
+    assert env["AWS_SECRET_ACCESS_KEY"] == "worker-only-secret-0"
+    for secret in ("vast-key", "manager:secret", "AKIAMANAGER", "manager-secret-access-key"):
+        assert secret not in str(env)
     assert env["GPUQ_ORPHAN_TIMEOUT_SECONDS"] == "3600"  # a rented machine ends itself if orphaned
-    assert "GPUQ_ORPHAN_TIMEOUT_SECONDS" not in instance_env(ms, "tts", "local")  # processes bill nothing
+    local = instance_env(ms, "tts", "local")
+    assert "GPUQ_ORPHAN_TIMEOUT_SECONDS" not in local  # processes bill nothing
+    assert "DATABASE_URL" not in local and "GPUQ_INSTALL_SPEC" not in local  # the local provider's own
     offer = Offer("vast", "1", "RTX 4090", 1, 24000, 0.3, interruptible=True, min_bid=0.25)
     spec = launch_spec(ms, "tts", offer)
     assert spec.bid_price == 0.3 and spec.label == "gpuq:default:tts"  # a bid, never a silent on-demand
@@ -82,7 +94,7 @@ def run_onstart(workspace: Path, bin_dir: Path, fake_log: Path, **extra: str) ->
         "DATABASE_URL": "postgresql://gpuq_worker@db/app",
         "GPUQ_QUEUES": "demo=imageops",
         "GPUQ_BACKENDS": "imageops",
-        "GPUQ_INSTALL_SPEC": "gpuq @ https://example.com/gpuq.whl",
+        "GPUQ_INSTALL_SPEC": PIN,
         "CONTAINER_ID": "4242",
         "FAKE_LOG": str(fake_log),
         **extra,
@@ -123,9 +135,12 @@ def test_onstart_is_idempotent_a_rerun_starts_no_second_worker(tmp_path: Path) -
         os.kill(loop_pid, 0)
         log = fake_log.read_text().splitlines()
         assert log.count("run -m gpuq.cli worker") == 1
-        assert [line for line in log if line.startswith("pip install -q gpuq")] == [
-            "pip install -q gpuq @ https://example.com/gpuq.whl"
-        ]  # installed once: the marker file remembers the spec
+        req = workspace / "gpuq" / "run" / "gpuq.req"
+        assert [line for line in log if line.startswith("pip install")] == [
+            f"pip install -q --no-deps --require-hashes -r {req}",  # the pinned file, hash checked
+            "pip install -q gpuq==0.1.0",  # then its dependencies
+        ]  # installed once: the venv remembers the pin
+        assert req.read_text() == PIN + "\n"
         onstart_log = (workspace / "gpuq" / "worker.log").read_text()
         assert "postgresql://" not in onstart_log  # nothing echoes the environment
 

@@ -29,7 +29,7 @@ from manager.providers.vast import DEFAULT_LIMITS, VastProvider
 from manager.tick import Manager, tick
 from tests.conftest import make_settings
 from tests.manager.conftest import VAST_KEY
-from tests.manager.test_tick import db, enqueue, env, rows, settings_for  # noqa: F401  (fixtures)
+from tests.manager.test_tick import db, enqueue, env, host, rows, settings_for  # noqa: F401  (fixtures)
 from tests.standins.tcp_proxy import TcpProxy
 from tests.standins.vast_server import RealClock, VastStandin
 
@@ -42,6 +42,12 @@ def proxy(db_url: str) -> Iterator[TcpProxy]:
     p = TcpProxy((str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)))
     yield p
     p.close()
+
+
+def silence_of(db: Client) -> float | None:
+    """Seconds since the manager's last tick (None: it never ticked)."""
+    found = rows(db, "select extract(epoch from now() - last_tick_at)::float8 as s from gpuq.manager_ticks")
+    return found[0]["s"] if found else None
 
 
 def via(db_url: str, proxy: TcpProxy) -> str:
@@ -97,7 +103,7 @@ def test_the_run_loop_rides_out_a_refused_then_black_holed_database(
     def ticked_since(t: float, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            silence = db.manager_silence_seconds()
+            silence = silence_of(db)
             if silence is not None and silence < time.monotonic() - t:
                 return
             time.sleep(0.05)
@@ -163,7 +169,7 @@ def test_manager_run_waits_for_a_database_that_is_not_there_yet(
         if proc.poll() is None:
             proc.kill()
     assert "database unreachable" in log.read_text()
-    assert db.manager_silence_seconds() is not None  # and then it ticked
+    assert silence_of(db) is not None  # and then it ticked
 
 
 # ------------------------------------------------------------------------------- 7. books vs bill
@@ -195,7 +201,7 @@ def test_the_books_follow_the_bill_per_state(db: Client) -> None:
             tick(m)
             for iid in standin.live():
                 if iid not in workers and standin.is_running(iid):  # its worker starts
-                    db.register_instance("vast", str(iid), gpu_name="RTX 4090", queues=["tryon"])
+                    host(db, standin, iid)
                     workers.add(iid)
             time.sleep(0.2)
         m.settings = settings_for(daily_budget=0.0001)  # shed everything

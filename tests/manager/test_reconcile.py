@@ -18,6 +18,7 @@ from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     db,
     enqueue,
     env,
+    host,
     manager,
     our_live,
     rows,
@@ -34,9 +35,10 @@ def rent_by_tick(db: Client, vast: VastProvider, standin: VastStandin, jobs: int
     m = manager(db, vast)
     (rented,) = tick(m).rented
     pid = rented.split(":", 1)[1]
-    iid = db.register_instance("vast", pid, gpu_name="RTX 4090", queues=["tryon"])
-    assert len(db.claim(iid, ["tryon"], limit=jobs)) == jobs
-    return iid, pid
+    inst = host(db, standin, pid)
+    assert len(inst.claim(["tryon"], limit=jobs)) == jobs
+    assert inst.instance_id is not None
+    return inst.instance_id, pid
 
 
 def rent_behind_our_back(vast: VastProvider, offer: Offer, label: str = PREFIX + "tryon") -> str:
@@ -153,16 +155,28 @@ def test_an_outbid_instance_is_destroyed_and_its_jobs_released(
 
 
 @pytest.mark.usefixtures("env")
-def test_a_row_the_worker_ended_while_the_machine_bills_is_an_orphan(
+def test_a_machine_whose_worker_left_is_destroyed_as_drained_and_booked_until_then(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
-    iid, pid = rent_by_tick(db, vast, standin)
-    db.deregister_instance(iid)  # the worker exited; Vast keeps billing the machine
-    report = reconcile(db, {"vast": vast}, PREFIX)
-    assert report.orphans_destroyed == [f"vast:{pid}"]
+    """A drained worker deregisters and exits; Vast bills the machine until it is destroyed. The books say
+    so (the row stays draining, not terminated) and the next tick destroys it as drained, not as an
+    orphan found later."""
+    standin.add_offer()
+    enqueue(db, 1)
+    (rented,) = tick(manager(db, vast)).rented
+    inst = host(db, standin, rented.split(":", 1)[1])
+    (job,) = inst.claim(["tryon"], 1)
+    assert job.lease_token is not None
+    inst.complete(job.id, job.lease_token)
+    inst.deregister("drained")
+    iid = inst.instance_id
+    row = status_of(db, iid)
+    assert (row["status"], row["terminated_at"], row["secret_sha256"]) == ("draining", None, None)
+    result = tick(manager(db, vast))
+    assert result.destroyed == [iid] and result.reconcile.orphans_destroyed == []
     assert our_live(standin) == {}
     row = status_of(db, iid)
-    assert row["status"] == "terminated" and row["end_reason"].startswith("orphan")
+    assert row["status"] == "terminated" and row["end_reason"] == f"destroy {iid}: drained"
 
 
 @pytest.mark.usefixtures("env")

@@ -32,6 +32,7 @@ from tests.manager.test_tick import (  # noqa: F401  (fixtures)
     db,
     enqueue,
     env,
+    host,
     manager,
     our_live,
     rows,
@@ -49,7 +50,7 @@ def rent_two(db: Client, vast: VastProvider, standin: VastStandin) -> list[tuple
     rented = tick(manager(db, vast)).rented
     assert len(rented) == 2
     pids = sorted(int(r.split(":", 1)[1]) for r in rented)
-    return [(db.register_instance("vast", str(p), gpu_name="RTX 4090", queues=["tryon"]), p) for p in pids]
+    return [(host(db, standin, p).instance_id or 0, p) for p in pids]
 
 
 def orphan(vast: VastProvider, standin: VastStandin) -> int:

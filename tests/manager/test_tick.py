@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpuq.client import Client
+from gpuq.client import Client, InstanceClient, new_secret, secret_hash
 from manager.config import ManagerSettings, from_dict
 from manager.metrics import Metrics
 from manager.policy import Rent
@@ -32,6 +32,7 @@ def settings_for(**top: Any) -> ManagerSettings:
         "provider": "vast",
         "max_instances": top.pop("max_instances", 4),
         "target_jobs_per_instance": 2,
+        "concurrency": 2,
         "idle_timeout_s": 600,
         "offer": {"gpu_names": ["RTX 4090"], "interruptible": True},
     }
@@ -45,6 +46,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPUQ_DEPLOYMENT", "test")
     monkeypatch.setenv("GPUQ_WORKER_DATABASE_URL", WORKER_URL)
+    monkeypatch.setenv("GPUQ_INSTALL_SPEC", "gpuq==0.1.0 --hash=sha256:" + "0" * 64)  # a pinned release
     monkeypatch.setenv("VAST_API_KEY", KEY)
 
 
@@ -63,6 +65,29 @@ def manager(db: Client, vast: VastProvider, ms: ManagerSettings | None = None) -
 
 def enqueue(db: Client, n: int, queue: str = "tryon") -> list[int]:
     return [db.enqueue(queue, {"n": i}) for i in range(n)]
+
+
+def host(db: Client, standin: VastStandin, provider_id: str | int) -> InstanceClient:
+    """What the rented machine's worker does: take the secret from its environment, register."""
+    secret = standin.rentals[int(provider_id)].env["GPUQ_INSTANCE_SECRET"]
+    inst = db.as_instance(secret)
+    inst.register(gpu_name="RTX 4090")
+    return inst
+
+
+def recorded_rent(
+    db: Client, provider_id: str, dph: float, interruptible: bool, reason: str | None = None
+) -> InstanceClient:
+    """A rent recorded as the manager records one (seeded here directly), and its worker, registered."""
+    secret = new_secret()
+    iid = db.call(
+        "select gpuq.record_rent('vast', %s, 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, "
+        "%s::numeric, %s, array['tryon'], %s, 2, %s) as id",
+        (provider_id, dph, interruptible, reason, secret_hash(secret)),
+    )[0]["id"]
+    inst = db.as_instance(secret, iid)
+    inst.register()
+    return inst
 
 
 def rows(db: Client, sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -205,14 +230,15 @@ def test_a_tick_that_reconciled_every_provider_is_recorded_for_the_workers(
 ) -> None:
     # Rented workers end their machine when no manager looks after it (worker/main.py): a tick
     # counts only when every provider was listed and repaired.
-    assert db.manager_silence_seconds() is None
+    worker = db.as_instance(db.enroll(["tryon"])[1])
+    assert worker.manager_silence_seconds() is None
     m = manager(db, vast)
     standin.fail_next(100, status=500, kind="list")  # Vast is down: this manager is blind
     assert tick(m).reconcile.errors
-    assert db.manager_silence_seconds() is None
+    assert worker.manager_silence_seconds() is None
     standin.clear_faults()
     assert not tick(m).reconcile.errors
-    silence = db.manager_silence_seconds()
+    silence = worker.manager_silence_seconds()
     assert silence is not None and 0 <= silence < 5
 
 
@@ -266,9 +292,11 @@ def test_snapshot_counts_arrivals_over_an_hour_and_load_over_its_window(db: Clie
     db.conn.execute(
         "update gpuq.jobs set created_at = now() - interval '70 minutes' where id = %s", (ids[2],)
     )
-    iid = db.register_instance("vast", "load-1", gpu_name="A40", queues=["arrivals"])
-    (job,) = db.claim(iid, ["arrivals"], limit=1)
-    db.complete(job.id, job.attempt, {})
+    _, secret = db.enroll(["arrivals"], gpu_name="A40")
+    inst = db.as_instance(secret)
+    (job,) = inst.claim(["arrivals"], limit=1)
+    assert job.lease_token is not None
+    inst.complete(job.id, job.lease_token, {})
     # It ran the last 10 of the 20 minutes: a mean load of 0.5 running jobs.
     db.conn.execute(
         "update gpuq.jobs set started_at = now() - interval '10 minutes', finished_at = now() where id = %s",
@@ -287,19 +315,17 @@ def test_snapshot_counts_arrivals_over_an_hour_and_load_over_its_window(db: Clie
 
 
 def test_spend_per_instance_day_and_job_add_up(db: Client) -> None:
-    iid = db.call(
-        "select gpuq.record_rent('vast', '77', 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, 3.6, "
-        "true, array['tryon'], 'test') as id"
-    )[0]["id"]
+    inst = recorded_rent(db, "77", 3.6, True, "test")
+    iid = inst.instance_id
     # Rented an hour ago (tests may set the clock back; the manager never writes rows itself).
     db.conn.execute("update gpuq.instances set created_at = now() - interval '1 hour' where id = %s", (iid,))
     db.conn.execute(
         "update gpuq.instance_events set at = now() - interval '1 hour' where instance_id = %s", (iid,)
     )
-    db.register_instance("vast", "77", gpu_name="RTX 4090", queues=["tryon"])
     a, b = enqueue(db, 2)
-    for job in db.claim(iid, ["tryon"], limit=2):
-        db.complete(job.id, job.attempt, {})
+    for job in inst.claim(["tryon"], limit=2):
+        assert job.lease_token is not None
+        inst.complete(job.id, job.lease_token, {})
     # Ran 10 and 5 minutes (a succeeded attempt is recorded on the job row itself).
     db.conn.execute(
         "update gpuq.jobs set started_at = finished_at - interval '10 minutes' where id = %s", (a,)
@@ -335,19 +361,17 @@ def test_spend_per_instance_day_and_job_add_up(db: Client) -> None:
 
 
 def test_a_destroy_recorded_after_the_worker_deregistered_bills_until_the_destroy(db: Client) -> None:
-    iid = db.call(
-        "select gpuq.record_rent('vast', '78', 'o1', 'm1', 'gpuq:test:tryon', 'RTX 4090', 1, 24000, 3.6, "
-        "false, array['tryon']) as id"
-    )[0]["id"]
+    inst = recorded_rent(db, "78", 3.6, False)
+    iid = inst.instance_id
     db.conn.execute("update gpuq.instance_events set at = now() - interval '10 minutes'")  # rented 10 min ago
-    db.register_instance("vast", "78", queues=["tryon"])
-    db.deregister_instance(iid)  # the worker exited 8 minutes ago; the machine billed on until destroyed
-    db.conn.execute("update gpuq.instances set terminated_at = now() - interval '8 minutes'")
+    inst.deregister("drained")  # the worker exited; the machine bills on until destroyed
+    (row,) = db.call("select * from gpuq.instances")
+    assert (row["status"], row["terminated_at"], row["secret_sha256"]) == ("draining", None, None)
     at = db.call("select now() as t")[0]["t"]
-    db.call("select gpuq.record_destroy(%s, 'orphan: terminated in the database', true, %s)", (iid, at))
+    db.call("select gpuq.record_destroy(%s, 'destroy 1: drained', true, %s)", (iid, at))
     (row,) = db.call("select * from gpuq.instances")
     assert row["terminated_at"] == at and row["status"] == "terminated"
-    assert row["end_reason"] == "orphan: terminated in the database"
+    assert row["end_reason"] == "destroy 1: drained"
     (spend,) = db.call("select * from gpuq.spend_by_instance()")
     assert float(spend["cost_usd"]) == pytest.approx(3.6 / 6, abs=0.01)
 

@@ -63,9 +63,12 @@ def make_png(path: Path, size: tuple[int, int] = (8, 6)) -> Path:
 
 
 class WorkerProc:
-    def __init__(self, proc: subprocess.Popen[str], instance_key: str, log_path: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], instance_id: int | None, secret: str, log_path: Path
+    ) -> None:
         self.proc = proc
-        self.instance_key = instance_key
+        self.instance_id = instance_id  # None until a self-enrolled worker has registered
+        self.secret = secret  # the secret it was started with ("" when it enrolled itself)
         self.log_path = log_path
 
     @property
@@ -90,10 +93,20 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerPr
         grace: float = 5.0,
         argv: list[str] | None = None,
         wait_ready: bool = True,
+        enrolled: bool = True,
+        vram_mb: int = 0,
         **env: str,
     ) -> WorkerProc:
+        """A worker process; by default for an instance enrolled here as an operator would (`gpuq enroll`),
+        with its secret in the environment; enrolled=False: it enrolls itself (the owner's login)."""
         key = f"w{len(started)}-{secrets.token_hex(3)}"
         log_path = tmp_path / f"worker-{key}.log"
+        instance_id, secret = None, ""
+        if enrolled:
+            names = [q.split("=")[0].strip() for q in queues.split(",") if q.strip()]
+            with Client.connect(db_url, Settings(db_url, tmp_path, False, 60, 0.1)) as admin:
+                instance_id, secret = admin.enroll(names, max_concurrency=64, vram_mb=vram_mb)
+            env = {"GPUQ_INSTANCE_SECRET": secret, **env}
         full_env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -119,22 +132,18 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerPr
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        w = WorkerProc(proc, key, log_path)
+        w = WorkerProc(proc, instance_id, secret, log_path)
         started.append(w)
         if wait_ready:
-            admin = Client.connect(db_url, Settings(db_url, tmp_path, False, 60, 0.1))
-            try:
 
-                def registered() -> bool:
-                    assert proc.poll() is None, f"worker exited with {proc.returncode}:\n{w.log}"
-                    row = admin.conn.execute(
-                        "select status from gpuq.instances where provider_instance_id = %s", (key,)
-                    ).fetchone()
-                    return row is not None and row["status"] in ("idle", "busy")
+            def registered() -> bool:
+                assert proc.poll() is None, f"worker exited with {proc.returncode}:\n{w.log}"
+                found = re.search(r"registered as instance (\d+)", w.log)
+                if found:
+                    w.instance_id = int(found[1])
+                return found is not None
 
-                wait_for(registered, 30, "the worker to register")
-            finally:
-                admin.close()
+            wait_for(registered, 30, "the worker to register")
         return w
 
     yield start
@@ -145,9 +154,7 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerPr
 
 
 def instance_row(client: Client, w: WorkerProc) -> dict[str, Any]:
-    row = client.conn.execute(
-        "select * from gpuq.instances where provider_instance_id = %s", (w.instance_key,)
-    ).fetchone()
+    row = client.conn.execute("select * from gpuq.instances where id = %s", (w.instance_id,)).fetchone()
     assert row is not None
     return row
 
@@ -186,7 +193,7 @@ def test_imageops_job_runs_end_to_end_into_local_storage(
     assert out["name"] == "output.png" and out["content_type"] == "image/png"
     path = output_file(out["url"])
     assert path.is_relative_to(tmp_path / "outputs")
-    assert re.search(rf"demo/\d{{4}}-\d\d-\d\d/{job_id}/output.png$", str(path))
+    assert re.search(rf"demo/\d{{4}}-\d\d-\d\d/{job_id}/1/output.png$", str(path))  # attempt 1
     assert out["bytes"] == path.stat().st_size
     with Image.open(path) as img:
         assert img.getpixel((0, 0)) == (55, 155, 255)  # inverted (200, 100, 0)
@@ -197,7 +204,7 @@ def test_imageops_job_runs_end_to_end_into_local_storage(
     assert not list((tmp_path / "data" / "work").glob("*"))  # the job's workdir is gone
 
     row = instance_row(client, w)
-    assert row["queues"] == ["demo"] and row["backends"] == ["imageops"] and row["version"]
+    assert row["queues"] == ["demo"] and row["version"] and row["hostname"]
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0
     row = instance_row(client, w)
@@ -251,7 +258,7 @@ def test_sigterm_finishes_a_short_job_within_grace_and_releases_a_long_one_witho
         "select event, message from gpuq.instance_events where instance_id = %s order by id",
         (instance_row(client, w)["id"],),
     ).fetchall()
-    assert [e["event"] for e in drained] == ["registered", "draining", "deregistered"]
+    assert [e["event"] for e in drained] == ["enrolled", "registered", "draining", "deregistered"]
 
     # it runs to completion on the next worker, as attempt 2 of which only one is used
     client.conn.execute(  # a test's shortcut: no app edits a queued job's payload

@@ -35,11 +35,11 @@ from typing import Any
 
 import requests
 import websocket
-from PIL import Image
 
 from worker import workflows
 from worker.backends.base import BackendResult, JobContext, OutputFile
 from worker.errors import ErrorCode, JobError
+from worker.inputs import DEFAULT_IMAGE_LIMITS, ImageLimits, check_image
 from worker.workflows import Workflow
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class ComfyUIBackend:
         cancel_grace: float = 15.0,
         progress_interval: float = 2.0,
         base_dir: str | Path | None = None,
+        image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
     ) -> None:
         """`url` of a running ComfyUI, or `comfy_dir` of one to start (then on 127.0.0.1:`port`).
 
@@ -84,6 +85,7 @@ class ComfyUIBackend:
         stall_timeout: socket silence after which /history is polled every `poll_interval` seconds.
         unavailable_timeout: how long the server may fail to answer mid-job before the job fails.
         cancel_grace: how long to wait for an interrupted prompt to stop before giving up on it.
+        image_limits: the formats and pixel count an input image may have before it is uploaded.
         """
         if (url is None) == (comfy_dir is None):
             raise ValueError("give exactly one of url (a running ComfyUI) and comfy_dir (one to start)")
@@ -101,6 +103,7 @@ class ComfyUIBackend:
         self.unavailable_timeout = unavailable_timeout
         self.cancel_grace = cancel_grace
         self.progress_interval = progress_interval
+        self.image_limits = image_limits
         self.session = requests.Session()
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -110,8 +113,11 @@ class ComfyUIBackend:
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ComfyUIBackend:
         """COMFYUI_URL (with COMFYUI_BASE_DIR, its base directory, to clean up after each job), or
         COMFYUI_DIR with COMFYUI_PORT (8188), COMFYUI_PYTHON and COMFYUI_ARGS (extra flags, e.g. "--cpu");
-        COMFYUI_READY_TIMEOUT in seconds (600)."""
-        kwargs: dict[str, Any] = {"ready_timeout": float(env.get("COMFYUI_READY_TIMEOUT", "600"))}
+        COMFYUI_READY_TIMEOUT in seconds (600); GPUQ_IMAGE_FORMATS and GPUQ_IMAGE_MAX_PIXELS."""
+        kwargs: dict[str, Any] = {
+            "ready_timeout": float(env.get("COMFYUI_READY_TIMEOUT", "600")),
+            "image_limits": ImageLimits.from_env(env),
+        }
         if env.get("COMFYUI_DIR"):
             kwargs |= {
                 "comfy_dir": env["COMFYUI_DIR"],
@@ -264,14 +270,8 @@ class ComfyUIBackend:
 
     def _upload(self, ctx: JobContext, field: str, ref: str, tag: str) -> str:
         path = ctx.fetch_input(ref)
-        try:
-            with Image.open(path) as image:
-                kind = (image.format or "png").lower()
-                image.verify()
-        except Exception as exc:
-            raise JobError(
-                ErrorCode.INPUT_INVALID, f"field {field!r}: {ref!r} is not an image ({exc})"
-            ) from exc
+        # ComfyUI decodes every frame of what it is given: the format and size are checked first.
+        kind = check_image(path, self.image_limits, f"field {field!r}: {ref[:200]!r}").lower()
         name = f"{tag}-{field}.{kind}"
         with open(path, "rb") as fh:
             resp = self._post(

@@ -21,11 +21,11 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from worker.backends.base import BackendResult, JobContext, OutputFile
 from worker.errors import ErrorCode, JobError
+from worker.inputs import DEFAULT_IMAGE_LIMITS, ImageLimits, check_image
 
 FORMATS = {"png": ("PNG", "image/png", "png"), "jpeg": ("JPEG", "image/jpeg", "jpg")}
 MAX_OPS = 32
 MAX_SIDE = 8192
-MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
 MAX_SLEEP_SECONDS = 3600.0
 MAX_BLUR_RADIUS = 100.0
 
@@ -89,9 +89,13 @@ def parse_ops(raw: Any) -> list[dict[str, Any]]:
 class ImageOpsBackend:
     name = "imageops"
 
+    def __init__(self, image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> None:
+        self.image_limits = image_limits
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ImageOpsBackend:
-        return cls()
+        """GPUQ_IMAGE_FORMATS and GPUQ_IMAGE_MAX_PIXELS: what an input image may be."""
+        return cls(ImageLimits.from_env(env))
 
     def start(self) -> None:
         pass
@@ -117,11 +121,9 @@ class ImageOpsBackend:
 
         source = ctx.fetch_input(ref)
         started = time.monotonic()
+        check_image(source, self.image_limits, "the input image")  # format and pixels, before decoding
         try:
-            with Image.open(source) as opened:
-                w, h = opened.size
-                if w * h > MAX_PIXELS:
-                    raise _invalid(f"the image is {w}x{h}, over {MAX_PIXELS} pixels")
+            with Image.open(source, formats=self.image_limits.formats) as opened:
                 image = opened.convert("RGBA" if opened.mode in ("RGBA", "LA", "P") else "RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise _invalid(f"the input is not an image Pillow can read: {exc}") from exc
