@@ -400,7 +400,7 @@ class _Plan:
         projected = self.projected_spend()
         del self.billing[key]
         if projected > s.daily_budget:
-            return f"daily budget: spend today could reach ${projected:.2f} > ${s.daily_budget:.2f}"
+            return f"daily budget: spend today could reach {_over(projected, s.daily_budget)}"
         return None
 
 
@@ -440,7 +440,7 @@ def _enforce_money_caps(plan: _Plan, live: list[InstanceView], avoided: frozense
     for inst in candidates:
         projected, dph = plan.projected_spend(), plan.total_dph(stopping=False)
         if projected > s.daily_budget:
-            why = f"spend today could reach ${projected:.2f} > ${s.daily_budget:.2f}"
+            why = f"spend today could reach {_over(projected, s.daily_budget)}"
         elif dph > s.max_total_dph:
             why = f"billing ${dph:.2f}/h > cap ${s.max_total_dph:.2f}/h"
         else:
@@ -819,6 +819,12 @@ def budget_day_start(now: datetime, tz_name: str) -> datetime:
 @lru_cache(maxsize=64)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
+
+
+def _over(amount: float, budget: float) -> str:
+    """ "$0.1234 > $0.1200": cents alone would print a small budget's overrun as "$0.12 > $0.12"."""
+    places = 2 if budget >= 10 else 4
+    return f"${amount:.{places}f} > ${budget:.{places}f}"
 
 
 def _duration(seconds: float) -> str:

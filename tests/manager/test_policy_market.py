@@ -123,7 +123,7 @@ def test_hold_says_why_when_the_daily_budget_leaves_a_queue_out() -> None:
     cfg = two(daily_budget=1.0, budget_tz="Europe/Madrid")  # noon: any rent bills 12 hours
     actions = run(queues(0, 3), [], B_OFFERS, cfg, spend=Spend(0.5))
     (hold,) = holds(actions)
-    assert "is over the daily budget: spend today could reach $" in hold.reason and "> $1.00" in hold.reason
+    assert "is over the daily budget: spend today could reach $" in hold.reason and "> $1.0000" in hold.reason
 
 
 def test_hold_says_why_when_no_offer_fits_or_the_window_is_closing() -> None:
