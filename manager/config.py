@@ -29,6 +29,9 @@ Environment (the README's table lists the same):
   GPUQ_DEPLOYMENT             our label is gpuq:<deployment>:<queue>; reconciliation owns every instance
                               labelled gpuq:<deployment>: (default `default`)
   GPUQ_MANAGER_TICK_SECONDS   `run`'s interval (default 60)
+  GPUQ_MANAGER_DB_TIMEOUT_SECONDS  the longest the manager waits for one database statement (or a
+                              connection) before giving up on that connection (default 30): a silent
+                              database must not stall a tick while what it rented bills
   GPUQ_ORPHAN_TIMEOUT_SECONDS a rented instance with no job and no manager tick for this long (or no
                               database) ends itself (default 3600; 0: never)
   GPUQ_DAILY_BUDGET           overrides daily_budget ($, default 10)
@@ -116,6 +119,7 @@ class ManagerSettings:
     bootstrap_url: str | None = None
     # A rented instance idle this long with no manager tick (or without its database) ends itself.
     orphan_timeout_s: float = 3600.0
+    db_timeout_s: float = 30.0  # the longest one database statement may take
 
     @property
     def label_prefix(self) -> str:
@@ -230,6 +234,9 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         raise SystemExit(f"gpuq manager: queues use providers not enabled: {', '.join(sorted(missing))}")
 
     tick_seconds = env_float("GPUQ_MANAGER_TICK_SECONDS", 60.0)
+    db_timeout = env_float("GPUQ_MANAGER_DB_TIMEOUT_SECONDS", 30.0)
+    if db_timeout <= 0:
+        raise SystemExit(f"gpuq manager: GPUQ_MANAGER_DB_TIMEOUT_SECONDS must be above 0, got {db_timeout:g}")
     orphan_timeout = env_float("GPUQ_ORPHAN_TIMEOUT_SECONDS", 3600.0)
     # shorter, and a few slow or failed ticks would make healthy instances end themselves
     shortest = max(600.0, 5 * tick_seconds)
@@ -258,6 +265,7 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         worker_env_names=worker_env,
         bootstrap_url=os.environ.get("GPUQ_BOOTSTRAP_URL") or None,
         orphan_timeout_s=orphan_timeout,
+        db_timeout_s=db_timeout,
         **install,
     )
 
