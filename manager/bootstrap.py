@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from manager import credentials
 from manager.config import ManagerSettings, check_host_env
 from manager.providers.base import LaunchSpec, Offer, ProviderError
 from worker import workflows
@@ -119,6 +120,7 @@ def instance_env(ms: ManagerSettings, queue: str, provider: str) -> dict[str, st
             raise LaunchRefused(NO_WORKER_LOGIN)
         env["DATABASE_URL"] = ms.worker_database_url
         env.update(install_env(ms))
+        env.update(credentials.host_env(ms))  # storage credentials of its own, from the database
     if ms.storage_url:
         env["GPUQ_STORAGE_URL"] = ms.storage_url
     if ms.orphan_timeout_s and rented:

@@ -273,6 +273,7 @@ SECRET_NAMES = {
     "SUPABASE_SERVICE_ROLE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SERVICE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SECRET_KEY": "a Supabase secret key (sb_secret_…), which bypasses row level security",
+    "SUPABASE_JWT_SECRET": "the Supabase project's JWT secret, which signs tokens of any role",
     "AWS_ACCESS_KEY_ID": "the manager's AWS key",
     "AWS_SECRET_ACCESS_KEY": "the manager's AWS key",
     "AWS_SESSION_TOKEN": "the manager's AWS session",
@@ -284,6 +285,7 @@ _NEVER_IN_QUEUE_ENV = (
     "SUPABASE_SERVICE_ROLE_KEY",
     "SUPABASE_SERVICE_KEY",
     "SUPABASE_SECRET_KEY",
+    "SUPABASE_JWT_SECRET",
 )
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.(eyJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 _SHORT = 12  # a secret shorter than this is matched whole, not inside longer values
