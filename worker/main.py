@@ -48,6 +48,7 @@ from gpuq.client import (
     Held,
     InstanceClient,
     InvalidRequest,
+    IssuedCredentials,
     Job,
     Listener,
     NotAuthorized,
@@ -218,6 +219,7 @@ class Worker:
         finished = False  # drained on purpose: leave for good (deregister)
         try:
             self._register(main_db)
+            self.storage.use_instance_credentials(self._storage_credentials)
             if self.config.metrics_port:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             for backend in self.config.backends:
@@ -367,6 +369,15 @@ class Worker:
             self.secret = fresh
             return reg
         raise NotAuthorized("no stored or given secret is accepted")
+
+    def _storage_credentials(self, kind: str) -> IssuedCredentials | None:
+        """This instance's own storage credentials, which the storage asks for only when those it holds
+        near expiry (worker/storage/credentials.py): on a connection of its own, for that one call."""
+        db = Db(self.url, self.settings, lambda: self.secret)
+        try:
+            return db.call(lambda c: c.credentials(kind))
+        finally:
+            db.close()
 
     def _enroll_self(self, db: Db) -> None:
         try:
