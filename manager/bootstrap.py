@@ -26,7 +26,8 @@ GPUQ_WORKFLOWS and GPUQ_WORKFLOWS_DIR (whose bindings' models are downloaded; de
 workflows/); GPUQ_INSTALL_URL with GPUQ_INSTALL_SHA256, or GPUQ_INSTALL_SPEC; GPUQ_WORKSPACE (/workspace:
 everything goes under $GPUQ_WORKSPACE/gpuq); GPUQ_PYTHON (python3, for the venv); GPUQ_WORKER_CMD (default
 <venv>/bin/python -m gpuq.cli worker); GPUQ_ORPHAN_TIMEOUT_SECONDS and GPUQ_SELF_TERMINATE_CMD (the
-worker's orphan check). GPUQ_STORAGE_URL and storage credentials are the worker's.
+worker's orphan check). GPUQ_STORAGE_URL is the worker's; its storage credentials are its instance's own,
+from the database (GPUQ_STORAGE_CREDENTIALS=instance, manager/credentials.py), where the manager issues them.
 """
 
 from __future__ import annotations

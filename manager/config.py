@@ -47,6 +47,8 @@ Environment (the README's table lists the same):
   GPUQ_INSTALL_URL, GPUQ_INSTALL_SHA256   instead: a wheel of this gpuq version served elsewhere
   GPUQ_INSTALL_SPEC           instead: a pinned release, `NAME==VERSION --hash=sha256:HEX`
   GPUQ_BOOTSTRAP_URL          fetch onstart.sh from here when its packed copy does not fit
+  GPUQ_S3_ROLE_ARN, SUPABASE_JWT_SECRET with SUPABASE_ANON_KEY, GPUQ_CREDENTIALS_SECONDS
+                              each rented instance's own storage credentials (manager/credentials.py)
   VAST_API_KEY                Vast.ai API key (vast provider); GPUQ_VAST_URL another API server
   GPUQ_AWS_REGION, GPUQ_AWS_AMI, GPUQ_AWS_INSTANCE_TYPES, GPUQ_AWS_SUBNET, GPUQ_AWS_SECURITY_GROUPS,
   GPUQ_AWS_INSTANCE_PROFILE, GPUQ_AWS_ENDPOINT_URL   the aws_spot provider
