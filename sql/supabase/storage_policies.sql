@@ -23,14 +23,17 @@ grant gpuq_storage_worker to authenticator;  -- Storage (through authenticator) 
 grant anon to gpuq_storage_worker;           -- and it gets anon's table privileges, which RLS then narrows
 
 -- Write: into the token's bucket, under one of its folders (starts_with, not LIKE: "_" in a queue name is
--- no wildcard), never through a "." or ".." segment.
+-- no wildcard), never through a "." or ".." segment. A claim that is not a list grants nothing.
 drop policy if exists "gpuq workers add outputs under their folders" on storage.objects;
 create policy "gpuq workers add outputs under their folders" on storage.objects
     for insert to gpuq_storage_worker
     with check (
         bucket_id = (select auth.jwt() ->> 'gpuq_bucket')
         and name !~ '(^|/)\.\.?(/|$)'
-        and exists (select 1 from jsonb_array_elements_text((select auth.jwt()) -> 'gpuq_write') as w (folder)
+        and exists (select 1
+                      from jsonb_array_elements_text(case jsonb_typeof((select auth.jwt()) -> 'gpuq_write')
+                                                     when 'array' then (select auth.jwt()) -> 'gpuq_write' end)
+                           as w (folder)
                      where right(w.folder, 1) = '/' and starts_with(name, w.folder))
     );
 
@@ -40,13 +43,19 @@ create policy "gpuq workers replace outputs under their folders" on storage.obje
     for update to gpuq_storage_worker
     using (
         bucket_id = (select auth.jwt() ->> 'gpuq_bucket')
-        and exists (select 1 from jsonb_array_elements_text((select auth.jwt()) -> 'gpuq_write') as w (folder)
+        and exists (select 1
+                      from jsonb_array_elements_text(case jsonb_typeof((select auth.jwt()) -> 'gpuq_write')
+                                                     when 'array' then (select auth.jwt()) -> 'gpuq_write' end)
+                           as w (folder)
                      where right(w.folder, 1) = '/' and starts_with(name, w.folder))
     )
     with check (
         bucket_id = (select auth.jwt() ->> 'gpuq_bucket')
         and name !~ '(^|/)\.\.?(/|$)'
-        and exists (select 1 from jsonb_array_elements_text((select auth.jwt()) -> 'gpuq_write') as w (folder)
+        and exists (select 1
+                      from jsonb_array_elements_text(case jsonb_typeof((select auth.jwt()) -> 'gpuq_write')
+                                                     when 'array' then (select auth.jwt()) -> 'gpuq_write' end)
+                           as w (folder)
                      where right(w.folder, 1) = '/' and starts_with(name, w.folder))
     );
 
@@ -55,8 +64,12 @@ drop policy if exists "gpuq workers read their folders and input buckets" on sto
 create policy "gpuq workers read their folders and input buckets" on storage.objects
     for select to gpuq_storage_worker
     using (
-        bucket_id in (select jsonb_array_elements_text((select auth.jwt()) -> 'gpuq_read'))
+        bucket_id in (select jsonb_array_elements_text(case jsonb_typeof((select auth.jwt()) -> 'gpuq_read')
+                                                       when 'array' then (select auth.jwt()) -> 'gpuq_read' end))
         or (bucket_id = (select auth.jwt() ->> 'gpuq_bucket')
-            and exists (select 1 from jsonb_array_elements_text((select auth.jwt()) -> 'gpuq_write') as w (folder)
+            and exists (select 1
+                          from jsonb_array_elements_text(case jsonb_typeof((select auth.jwt()) -> 'gpuq_write')
+                                                         when 'array' then (select auth.jwt()) -> 'gpuq_write' end)
+                               as w (folder)
                          where right(w.folder, 1) = '/' and starts_with(name, w.folder)))
     );

@@ -246,6 +246,8 @@ class Rls:
                 raise StorageError(
                     409, "KeyAlreadyExists", "The resource already exists", "Duplicate"
                 ) from None
+            except pg.Error as e:  # the server's fallback for any other database error
+                raise StorageError(500, "DatabaseError", f"database error, code: {e.sqlstate}") from None
             finally:
                 self.conn.rollback()
 
@@ -272,6 +274,8 @@ class Rls:
                     "select id from storage.objects where name = %s and bucket_id = %s limit 1",
                     (name, bucket),
                 ).fetchone()
+            except self._psycopg.Error as e:
+                raise StorageError(500, "DatabaseError", f"database error, code: {e.sqlstate}") from None
             finally:
                 self.conn.rollback()
         return row is not None

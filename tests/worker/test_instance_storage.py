@@ -352,6 +352,11 @@ def test_a_token_cannot_overwrite_another_queues_output_nor_climb_out_of_its_fol
     for name in ("gpuq/tryon/%2E%2E/tts/x.png", "gpuq/tryon/%2E/x.png"):  # sent as ../ and ./
         r = upload(supa, token(supa), "outputs", name)
         assert r.json()["message"] == "new row violates row-level security policy", name
+    # the policies hold a folder to end in "/", should a token ever name one without (or name none)
+    claims = jwt.decode(token(supa), options={"verify_signature": False})
+    for folders in (["gpuq/try"], ["gpuq"], [""], [], "gpuq/tryon/"):
+        forged = sign_jwt({**claims, "gpuq_write": folders}, supa.jwt_secret)
+        assert upload(supa, forged, "outputs", "gpuq/tryon2/x.png").json()["statusCode"] == "403", folders
     # the project's public anon key, the apiKey every host has, may do nothing at all
     assert upload(supa, supa.anon_key, "outputs", "gpuq/tryon/x.png").json()["statusCode"] == "403"
 
