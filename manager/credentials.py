@@ -269,9 +269,9 @@ class StorageCredentials:
     """Issues and renews the live instances' credentials of one kind. `issuer` None: nothing to issue
     (hosts then use whatever storage credentials their environment gives them)."""
 
-    settings: ManagerSettings
+    settings: ManagerSettings = field(repr=False)
     issuer: Issuer | None = None
-    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False)  # holds secrets
 
     @classmethod
     def from_settings(

@@ -319,6 +319,7 @@ def test_a_supabase_token_names_the_instance_its_folders_and_inputs_and_expires(
         "GPUQ_STORAGE_CREDENTIALS": "instance",
         "SUPABASE_URL": "https://project.supabase.co",
     }
+    assert JWT_SECRET not in repr(creds)  # a repr in a log shows no secret of the environment's
     values, expires = creds.issuer.issue(17, scope_for(ms, ["tryon"]))
     assert values["apikey"] == ANON  # the public key; the token carries the rights
     claims = jwt.decode(values["token"], JWT_SECRET, algorithms=["HS256"])
