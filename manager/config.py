@@ -50,6 +50,8 @@ Environment (the README's table lists the same):
   GPUQ_INSTALL_URL, GPUQ_INSTALL_SHA256   instead: a wheel of this gpuq version served elsewhere
   GPUQ_INSTALL_SPEC           instead: a pinned release, `NAME==VERSION --hash=sha256:HEX`
   GPUQ_BOOTSTRAP_URL          fetch onstart.sh from here when its packed copy does not fit
+  GPUQ_S3_ROLE_ARN, SUPABASE_JWT_SECRET with SUPABASE_ANON_KEY, GPUQ_CREDENTIALS_SECONDS
+                              each rented instance's own storage credentials (manager/credentials.py)
   VAST_API_KEY                Vast.ai API key (vast provider); GPUQ_VAST_URL another API server
   GPUQ_AWS_REGION, GPUQ_AWS_AMI, GPUQ_AWS_INSTANCE_TYPES, GPUQ_AWS_SUBNET, GPUQ_AWS_SECURITY_GROUPS,
   GPUQ_AWS_INSTANCE_PROFILE, GPUQ_AWS_ENDPOINT_URL   the aws_spot provider
@@ -281,6 +283,7 @@ SECRET_NAMES = {
     "SUPABASE_SERVICE_ROLE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SERVICE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SECRET_KEY": "a Supabase secret key (sb_secret_…), which bypasses row level security",
+    "SUPABASE_JWT_SECRET": "the Supabase project's JWT secret, which signs tokens of any role",
     "AWS_ACCESS_KEY_ID": "the manager's AWS key",
     "AWS_SECRET_ACCESS_KEY": "the manager's AWS key",
     "AWS_SESSION_TOKEN": "the manager's AWS session",
@@ -292,6 +295,7 @@ _NEVER_IN_QUEUE_ENV = (
     "SUPABASE_SERVICE_ROLE_KEY",
     "SUPABASE_SERVICE_KEY",
     "SUPABASE_SECRET_KEY",
+    "SUPABASE_JWT_SECRET",
 )
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.(eyJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 _SHORT = 12  # a secret shorter than this is matched whole, not inside longer values

@@ -20,6 +20,7 @@ from gpuq.client import Client, new_secret, secret_hash
 from gpuq.db import Connection, connect, deadline_of
 from manager.bootstrap import launch_spec
 from manager.config import ManagerSettings
+from manager.credentials import StorageCredentials
 from manager.metrics import Metrics
 from manager.policy import (
     Action,
@@ -64,6 +65,11 @@ class Manager:
     providers: Mapping[str, Provider]
     metrics: Metrics = field(default_factory=Metrics)
     echo: Callable[[str], None] = print  # where a dry run's plan goes
+    credentials: StorageCredentials | None = None  # None: from the settings and environment
+
+    def __post_init__(self) -> None:
+        if self.credentials is None:  # checked here, at start: a bad setting stops the manager
+            self.credentials = StorageCredentials.from_settings(self.settings)
 
 
 def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> TickResult:
@@ -159,6 +165,8 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
         else:
             if isinstance(action, Rent) and len(result.rented) > rented:
                 _record_storage(m, action.offer, result.rented[-1])
+    if not dry_run:
+        _renew_credentials(m, result)
     if not actions:
         queues = (
             ", ".join(f"{q.name}: {q.queued} queued, {q.running} running" for q in snap.queues) or "no jobs"
@@ -299,6 +307,14 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         _say(m, result, f"avoid machine {action.machine_id}: {action.reason}")
     elif isinstance(action, Hold):
         _say(m, result, action.reason)
+
+
+def _renew_credentials(m: Manager, result: TickResult) -> None:
+    """Each live instance's own storage credentials, issued or renewed before they expire; those rented
+    this tick included, those destroyed excluded (manager/credentials.py)."""
+    assert m.credentials is not None
+    _, errors = m.credentials.renew(m.client)
+    result.errors += errors
 
 
 def _reason(action: Action) -> str:

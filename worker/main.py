@@ -49,6 +49,7 @@ from gpuq.client import (
     Held,
     InstanceClient,
     InvalidRequest,
+    IssuedCredentials,
     Job,
     NotAuthorized,
     NotHeld,
@@ -263,6 +264,7 @@ class Worker:
         finished = False  # drained on purpose: leave for good (deregister)
         try:
             self._register(db)
+            self.storage.use_instance_credentials(self._storage_credentials)
             if self.config.metrics_port:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             for backend in self.config.backends:
@@ -415,6 +417,11 @@ class Worker:
             SecretStore(self.config.state_dir, self.config.instance_secret).path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.outbox.directory.rmdir()  # only when empty: an undelivered outcome stays
+
+    def _storage_credentials(self, kind: str) -> IssuedCredentials | None:
+        """This instance's own storage credentials, which the storage asks for only when those it holds
+        near expiry (worker/storage/credentials.py), on the worker's one connection."""
+        return self.db.call(lambda c: c.credentials(kind))
 
     def _enroll_self(self, db: Db) -> None:
         try:
