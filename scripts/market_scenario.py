@@ -93,7 +93,8 @@ class Report:
     left: list[int] = field(default_factory=list)
     jobs: dict[str, dict[str, int]] = field(default_factory=dict)
     rents: dict[str, int] = field(default_factory=dict)
-    rents_per_machine: dict[int, int] = field(default_factory=dict)
+    rents_per_machine: dict[int, int] = field(default_factory=dict)  # not counting the one killed in create
+    killed_rental: int | None = None  # the rental whose create call the manager was killed inside
     kills: int = 0
     manager_starts: int = 0
     elapsed_s: float = 0.0
@@ -361,6 +362,7 @@ def run(t: Timeline, work: Path) -> Report:
         def kill_inside_create(rental: Rental) -> None:
             if time.monotonic() - started >= t.kill_in_create_after and not killed_in_create.is_set():
                 killed_in_create.set()
+                report.killed_rental = rental.id
                 assert manager is not None
                 if manager.kill(f"inside the create call that rented instance {rental.id}"):
                     report.kills += 1
@@ -451,7 +453,8 @@ def _judge(report: Report, standin: VastStandin, client: Client) -> None:
     for r in rentals.values():
         queue = (r.label or "").rsplit(":", 1)[-1]
         report.rents[queue] = report.rents.get(queue, 0) + 1
-        report.rents_per_machine[r.machine_id] = report.rents_per_machine.get(r.machine_id, 0) + 1
+        if r.id != report.killed_rental:  # its machine was fine: renting it again is no fault
+            report.rents_per_machine[r.machine_id] = report.rents_per_machine.get(r.machine_id, 0) + 1
     for row in client.call(
         "select queue, status::text as status, count(*) as n from gpuq.jobs group by 1, 2"
     ):
