@@ -256,6 +256,48 @@ def test_history_refuses_a_step_that_is_not_positive_or_too_many_points(
             client.call(f"select * from gpuq.{fn}(%s::interval, %s::interval)", (since, step))
 
 
+def test_queue_and_failure_figures_agree_with_the_stats_functions(
+    client: Client, instance: InstanceClient
+) -> None:
+    """dashboard_queues and dashboard_failures read through other indexes than queue_stats and failure_stats
+    (0001); on the same rows they give the same figures."""
+    for queue in ("a", "b"):
+        for _ in range(4):
+            client.enqueue(queue, {})
+    client.enqueue("a", {}, run_after=client.call("select now() + interval '1 hour' as t")[0]["t"])
+    instance = enroll(client, ("a", "b"))
+    jobs = instance.claim(["a", "b"], 6)
+    instance.complete(jobs[0].id, jobs[0].lease_token)  # type: ignore[arg-type]
+    instance.fail(jobs[1].id, jobs[1].lease_token, "GPU_OOM", "oom", retryable=True)  # type: ignore[arg-type]
+    instance.fail(jobs[2].id, jobs[2].lease_token, "INPUT_INVALID", "bad", retryable=False)  # type: ignore[arg-type]
+    client.cancel(client.enqueue("b", {}))
+    columns = [
+        "queue",
+        "queued",
+        "scheduled",
+        "running",
+        "succeeded_1h",
+        "failed_1h",
+        "succeeded_24h",
+        "failed_24h",
+        "cancelled_24h",
+        "run_p50",
+        "per_minute_1h",
+    ]
+    live = {r["queue"]: r for r in client.call("select * from gpuq.dashboard_queues()")}
+    day = client.call("select * from gpuq.dashboard_queue_outcomes()")
+    ours = [{c: {**r, **live[r["queue"]]}[c] for c in columns} for r in day]
+    theirs = [{c: r[c] for c in columns} for r in client.call("select * from gpuq.queue_stats()")]
+    assert ours == theirs and [r["running"] for r in ours] == [1, 2]
+    assert client.call("select * from gpuq.dashboard_failures()") == client.call(
+        "select * from gpuq.failure_stats()"
+    )
+    assert {r["error_code"] for r in client.call("select * from gpuq.dashboard_failures()")} == {
+        "GPU_OOM",
+        "INPUT_INVALID",
+    }
+
+
 def test_dashboard_jobs_lists_running_and_the_last_finished(client: Client, instance: InstanceClient) -> None:
     done, running, queued = client.enqueue("q", {}), client.enqueue("q", {}), client.enqueue("q", {})
     jobs = {j.id: j for j in instance.claim(None, 2)}
@@ -326,7 +368,7 @@ READS = [
     "select * from gpuq.dashboard_actions()",
     "select * from gpuq.dashboard_queue_depth()",
     "select * from gpuq.dashboard_fleet_history()",
-    "select * from gpuq.failure_stats()",
+    "select * from gpuq.dashboard_failures()",
     "select * from gpuq.paused_queues()",
 ]
 CONTROLS = [

@@ -45,7 +45,7 @@ log = logging.getLogger("gpuq.dashboard")
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("money", "queues", "instances", "running", "finished", "failures", "decisions", "actions")
 HISTORY_SECONDS = 30.0
-MIN_GAP_SECONDS = 0.5  # at most two refreshes a second, however many jobs report progress
+MIN_GAP_SECONDS = 1.0  # at most one refresh a second, however many jobs report progress
 KEEPALIVE_SECONDS = 15.0
 
 Scope = MutableMapping[str, Any]
@@ -364,6 +364,7 @@ def create_app(board: Board, access: Access, *, refresh: float = 2.0) -> ASGIApp
             log.warning("%s %s by %s refused: %s", action, target, user.name, e)
             return JSONResponse({"error": str(e)}, e.status)
         log.info("%s %s by %s: %s", action, target, user.name, outcome)
+        board.forget_day_reads()  # a retry or cancel changes them: the page should show it
         hub.wake()
         return JSONResponse({"ok": True, "action": action, "target": target, "outcome": outcome})
 

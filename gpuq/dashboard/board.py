@@ -1,14 +1,15 @@
 """What the dashboard shows, read through gpuq's SQL functions, and its controls, each one SQL transition.
 
-Nothing here decides anything or writes a table: reads are the dashboard_* functions of 0009 (and
-failure_stats), controls are operator_cancel_job, operator_retry_job, operator_drain_instance,
-operator_destroy_instance, pause_queue and resume_queue, which record who acted.
+Nothing here decides anything or writes a table: reads are the dashboard_* functions of 0009; controls are
+operator_cancel_job, operator_retry_job, operator_drain_instance, operator_destroy_instance, pause_queue and
+resume_queue, which record who acted.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,17 @@ from gpuq.client import Client, GpuqError, JobNotFound
 from gpuq.settings import Settings
 
 JOB_LIMIT = 50  # running jobs shown, and as many recently finished
+DAY_READS_SECONDS = 30.0  # how often the figures read from a day of finished jobs are read again
+NO_OUTCOMES = dict.fromkeys(
+    ("succeeded_1h", "failed_1h", "succeeded_24h", "failed_24h", "cancelled_24h", "per_minute_1h"), 0
+) | {
+    "wait_p50": None,
+    "run_p50": None,
+    "paused_at": None,
+    "paused_by": None,
+    "pause_reason": None,
+    "oldest_wait": None,
+}
 HISTORY_SINCE = "24 hours"
 HISTORY_STEP = "15 minutes"
 
@@ -74,6 +86,8 @@ class Board:
         self.budget = budget
         self._client: Client | None = None
         self._lock = threading.Lock()
+        self._day: tuple[dict[str, dict[str, Any]], list[dict[str, Any]]] | None = None
+        self._day_at = 0.0
 
     def _call(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -92,24 +106,39 @@ class Board:
     # --- reading ----------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """Everything the page's tables show, as plain values."""
+        """Everything the page's tables show, as plain values. What is read from the last day's jobs
+        (outcomes, failures) is read again only every DAY_READS_SECONDS: it costs what a day's jobs number."""
         money = self._call("select * from gpuq.dashboard_money(%s)", (self.budget.tz,))[0]
         instances = self._call("select * from gpuq.dashboard_instances()")
         for row in instances:
             row["gpus"] = gpu_readings(row.pop("metrics"))
         jobs = self._call("select * from gpuq.dashboard_jobs(%s)", (JOB_LIMIT,))
+        now = time.monotonic()
+        if self._day is None or now - self._day_at >= DAY_READS_SECONDS:
+            outcomes = {r["queue"]: r for r in self._call("select * from gpuq.dashboard_queue_outcomes()")}
+            failures = self._call("select * from gpuq.dashboard_failures(interval '24 hours')")
+            self._day, self._day_at = (outcomes, failures), now
+        outcomes, failures = self._day
+        queues = {r["queue"]: r for r in self._call("select * from gpuq.dashboard_queues()")}
+        for name in outcomes:  # a queue with only finished jobs is listed too
+            queues.setdefault(name, {"queue": name, "queued": 0, "scheduled": 0, "running": 0})
+        rows = [{**NO_OUTCOMES, **outcomes.get(name, {}), **queues[name]} for name in sorted(queues)]
         return {
             "now": self._call("select now() as t")[0]["t"],
             "budget": self.budget,
             "money": money,
-            "queues": self._call("select * from gpuq.dashboard_queues()"),
+            "queues": rows,
             "instances": instances,
             "running": [j for j in jobs if j["status"] == "running"],
             "finished": [j for j in jobs if j["status"] != "running"],
-            "failures": self._call("select * from gpuq.failure_stats(interval '24 hours')"),
+            "failures": failures,
             "decisions": self._call("select * from gpuq.dashboard_decisions(30)"),
             "actions": self._call("select * from gpuq.dashboard_actions(20)"),
         }
+
+    def forget_day_reads(self) -> None:
+        """After a control: read the day's figures again on the next refresh."""
+        self._day = None
 
     def history(self) -> dict[str, Any]:
         """The charts' series over the last 24 hours: unix times, depth per queue, fleet size, $/h, $."""

@@ -10,9 +10,11 @@
 --   revoke_instance) and write one gpuq.operator_actions row naming the actor, in the same transaction.
 --   "Destroy" is revoke_instance: the web request calls no provider; the instance's secret dies and its jobs
 --   go back at once, and the manager's next tick destroys the machine (a failed instance) and verifies it.
--- * Reads: dashboard_queues, dashboard_instances, dashboard_jobs, dashboard_money, dashboard_decisions,
---   dashboard_actions, dashboard_queue_depth and dashboard_fleet_history; failure_stats (0001) gets the
---   index on job_events.at it lacked.
+-- * Reads: dashboard_queues, dashboard_queue_outcomes, dashboard_failures, dashboard_instances,
+--   dashboard_jobs, dashboard_money, dashboard_decisions, dashboard_actions, dashboard_queue_depth and
+--   dashboard_fleet_history. None reads the history: each costs what live rows, the last day's jobs or a
+--   bounded number of rows number (scripts/bench_dashboard.py); job_events and instance_events get an index
+--   on `at`.
 -- * Roles: gpuq_observer may read all of that; gpuq_operator may also act; gpuq_manager gets both, so that
 --   `gpuq manager run` can serve the dashboard with its own login.
 
@@ -40,7 +42,7 @@ create table gpuq.operator_actions (
 );
 alter table gpuq.operator_actions enable row level security;
 
--- The dashboard's reads: recent history by time (failure_stats, the decisions list) without a scan.
+-- The dashboard's reads: recent history by time (failures, the decisions list) without a scan.
 create index job_events_at_idx on gpuq.job_events (at);
 create index instance_events_at_idx on gpuq.instance_events (at);
 
@@ -250,24 +252,88 @@ end $$;
 
 ---------------------------------------------------------------------------------------------------
 -- Reads for the page. Each touches live rows, the last day's finished jobs or a bounded number of rows,
--- through an index: none scans the history.
+-- through an index: none scans the history. JIT is off in each: their estimates (a set-returning function
+-- counts as 1000 rows) can pass jit_above_cost on small tables, and compiling then took 400 ms of a 20 ms
+-- query (scripts/bench_dashboard.py).
 
--- Per queue: queue_stats() (depth, oldest wait, outcomes, throughput, percentiles) and whether it is paused;
--- a paused queue with no jobs is listed too.
+-- Per queue now: claimable, scheduled and running jobs, the oldest claimable job's wait, and whether it is
+-- paused (a paused queue with no jobs is listed too). Queued and running rows come through their own partial
+-- indexes: one `status in ('queued', 'running')` scan, as queue_stats() (0001) has, reads every finished job
+-- too (a sequential scan, 100 ms at 10^6).
 create function gpuq.dashboard_queues()
 returns table (queue text, paused_at timestamptz, paused_by text, pause_reason text, queued bigint,
-               scheduled bigint, running bigint, oldest_wait interval, succeeded_1h bigint, failed_1h bigint,
-               succeeded_24h bigint, failed_24h bigint, cancelled_24h bigint, wait_p50 interval,
-               run_p50 interval, per_minute_1h numeric)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
-    select coalesce(q.queue, s.queue), s.paused_at, s.paused_by, s.pause_reason,
-           coalesce(q.queued, 0), coalesce(q.scheduled, 0), coalesce(q.running, 0), q.oldest_wait,
-           coalesce(q.succeeded_1h, 0), coalesce(q.failed_1h, 0), coalesce(q.succeeded_24h, 0),
-           coalesce(q.failed_24h, 0), coalesce(q.cancelled_24h, 0), q.wait_p50, q.run_p50,
-           coalesce(q.per_minute_1h, 0)
-      from gpuq.queue_stats() q
-      full join (select * from gpuq.queue_settings where paused_at is not null) s on s.queue = q.queue
-     order by 1
+               scheduled bigint, running bigint, oldest_wait interval)
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
+    with waiting as (
+        select j.queue,
+               count(*) filter (where j.run_after <= now()) as queued,
+               count(*) filter (where j.run_after > now()) as scheduled,
+               min(greatest(j.run_after, j.created_at)) filter (where j.run_after <= now()) as oldest
+          from gpuq.jobs j
+         where j.status = 'queued'
+         group by j.queue
+    ), running as (
+        select j.queue, count(*) as running from gpuq.jobs j where j.status = 'running' group by j.queue
+    ), paused as (
+        select * from gpuq.queue_settings where paused_at is not null
+    ), names as (
+        select waiting.queue from waiting union select running.queue from running
+        union select paused.queue from paused
+    )
+    select n.queue, p.paused_at, p.paused_by, p.pause_reason, coalesce(w.queued, 0), coalesce(w.scheduled, 0),
+           coalesce(r.running, 0), now() - w.oldest
+      from names n
+      left join waiting w on w.queue = n.queue
+      left join running r on r.queue = n.queue
+      left join paused p on p.queue = n.queue
+     order by n.queue
+$$;
+
+-- Per queue, from the jobs that finished in the last day (jobs_finished_idx): outcomes in the last hour and
+-- day, the median wait and run time of the last hour's, and throughput (succeeded per minute over the last
+-- hour). It costs what a day's jobs number (the page reads it every 30 s).
+create function gpuq.dashboard_queue_outcomes()
+returns table (queue text, succeeded_1h bigint, failed_1h bigint, succeeded_24h bigint, failed_24h bigint,
+               cancelled_24h bigint, wait_p50 interval, run_p50 interval, per_minute_1h numeric)
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
+    select j.queue,
+           count(*) filter (where j.status = 'succeeded' and j.finished_at > h.start),
+           count(*) filter (where j.status = 'failed' and j.finished_at > h.start),
+           count(*) filter (where j.status = 'succeeded'),
+           count(*) filter (where j.status = 'failed'),
+           count(*) filter (where j.status = 'cancelled'),
+           percentile_cont(0.5) within group (order by j.started_at - greatest(j.run_after, j.created_at))
+               filter (where j.started_at is not null and j.finished_at > h.start),
+           percentile_cont(0.5) within group (order by j.finished_at - j.started_at)
+               filter (where j.status = 'succeeded' and j.finished_at > h.start),
+           round(count(*) filter (where j.status = 'succeeded' and j.finished_at > h.start) / 60.0, 2)
+      from gpuq.jobs j, (select now() - interval '1 hour' as start) as h
+     where j.finished_at > now() - interval '24 hours'
+     group by j.queue
+     order by j.queue
+$$;
+
+-- Failures by error code since now() - p_since, as failure_stats() (0001) counts them, with each event's
+-- queue read by primary key: failure_stats() hash-joins the events with every job (a sequential scan of
+-- the history). Costs what the window's failures number.
+create function gpuq.dashboard_failures(p_since interval default '24 hours')
+returns table (error_code text, retryable boolean, failed bigint, retried bigint, lease_expired bigint,
+               queues text[], last_at timestamptz, last_message text)
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
+    select e.error_code, c.retryable,
+           count(*) filter (where e.event = 'failed'),
+           count(*) filter (where e.event = 'retry_scheduled'),
+           count(*) filter (where e.event = 'lease_expired'),
+           array_agg(distinct e.queue),
+           max(e.at),
+           (array_agg(e.message order by e.at desc))[1]
+      from (select e.error_code, e.event, e.at, e.message,
+                   (select j.queue from gpuq.jobs j where j.id = e.job_id) as queue
+              from gpuq.job_events e
+             where e.at > now() - p_since and e.error_code is not null and e.event <> 'cancelled') as e
+      left join gpuq.error_codes c on c.code = e.error_code
+     group by e.error_code, c.retryable
+     order by count(*) desc
 $$;
 
 -- Instances not ended, and those that ended in the last hour: what they are, what they cost, the jobs they
@@ -279,7 +345,7 @@ returns table (id bigint, provider text, provider_instance_id text, label text, 
                max_concurrency integer, hostname text, version text, created_at timestamptz,
                ready_at timestamptz, last_heartbeat_at timestamptz, terminated_at timestamptz,
                end_reason text, running_jobs bigint[], metrics jsonb)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     select i.id, i.provider, i.provider_instance_id, i.label, i.status, i.gpu_name, i.gpu_count, i.vram_mb,
            i.dph, i.queues, i.max_concurrency, i.hostname, i.version, i.created_at, i.ready_at,
            i.last_heartbeat_at, i.terminated_at, i.end_reason,
@@ -299,7 +365,7 @@ returns table (id bigint, queue text, status gpuq.job_status, priority smallint,
                max_attempts integer, instance_id bigint, progress smallint, progress_message text,
                created_at timestamptz, started_at timestamptz, finished_at timestamptz,
                cancel_requested_at timestamptz, error_code text, error_message text)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     (select j.id, j.queue, j.status, j.priority, j.attempt - j.releases, j.max_attempts, j.instance_id,
             j.progress, j.progress_message, j.created_at, j.started_at, j.finished_at, j.cancel_requested_at,
             j.error_code, j.error_message
@@ -322,7 +388,7 @@ $$;
 -- tick (null: never).
 create function gpuq.dashboard_money(p_tz text default 'UTC')
 returns table (spend_today_usd numeric, dph_now numeric, instances bigint, manager_silence_s double precision)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     select gpuq.spend_today(p_tz),
            coalesce((select sum(i.dph) from gpuq.instances i where i.terminated_at is null), 0),
            (select count(*) from gpuq.instances i where i.terminated_at is null),
@@ -334,7 +400,7 @@ $$;
 create function gpuq.dashboard_decisions(p_limit integer default 30)
 returns table (at timestamptz, instance_id bigint, provider text, event text, status gpuq.instance_status,
                dph numeric, message text)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     select * from (
         (select e.at, e.instance_id, i.provider, e.event, e.status, e.dph, e.message
            from gpuq.instance_events e join gpuq.instances i on i.id = e.instance_id
@@ -356,7 +422,7 @@ $$;
 -- What operators did, newest first.
 create function gpuq.dashboard_actions(p_limit integer default 20)
 returns table (id bigint, at timestamptz, actor text, action text, target text, outcome text, reason text)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     select a.id, a.at, a.actor, a.action, a.target, a.outcome, a.reason
       from gpuq.operator_actions a
      order by a.id desc
@@ -371,7 +437,7 @@ $$;
 create function gpuq.dashboard_queue_depth(p_since interval default '24 hours',
                                            p_step interval default '15 minutes')
 returns table (at timestamptz, queue text, depth bigint)
-language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
 #variable_conflict use_column
 declare
     v_since double precision := extract(epoch from p_since);
@@ -394,20 +460,18 @@ begin
         union all
         select j.queue, greatest(j.created_at, j.run_after), null from gpuq.jobs j where j.status = 'queued'
     ), deltas as (  -- each change at the first point at or after it (point 0 for what began earlier)
-        select d.queue, greatest(0, ceil(extract(epoch from d.t - w.start) / v_step))::integer as k,
+        select d.queue, greatest(0, ceil(extract(epoch from d.t - w.start)::float8 / v_step))::integer as k,
                sum(d.d) as d
           from (select waits.queue, waits.s as t, 1 as d from waits where waits.e is null or waits.e > waits.s
                 union all
                 select waits.queue, waits.e, -1 from waits where waits.e > waits.s) as d, w
          group by 1, 2
-    ), running as (
-        select d.queue, d.k, sum(d.d) over (partition by d.queue order by d.k) as depth from deltas d
     )
     select w.start + make_interval(secs => k.k * v_step), q.queue,
-           coalesce((select r.depth from running r where r.queue = q.queue and r.k <= k.k
-                      order by r.k desc limit 1), 0)::bigint
+           sum(coalesce(d.d, 0)) over (partition by q.queue order by k.k)::bigint
       from w cross join generate_series(0, w.n) as k (k)
-      cross join (select distinct running.queue from running) as q
+      cross join (select distinct deltas.queue from deltas) as q
+      left join deltas d on d.queue = q.queue and d.k = k.k
      order by 1, 2;
 end $$;
 
@@ -416,7 +480,7 @@ end $$;
 create function gpuq.dashboard_fleet_history(p_since interval default '24 hours',
                                              p_step interval default '15 minutes')
 returns table (at timestamptz, instances bigint, dph numeric, spend_usd numeric)
-language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
 #variable_conflict use_column
 declare
     v_since double precision := extract(epoch from p_since);
@@ -435,7 +499,7 @@ begin
         select s.seg_start, case when s.seg_end >= now() then 'infinity' else s.seg_end end as seg_end, s.dph
           from gpuq.billing_segments() s, w
          where s.seg_end > w.start
-    ), inst as (
+    ), inst as materialized (  -- read once, not once per point
         select i.created_at, coalesce(i.terminated_at, 'infinity') as ended
           from gpuq.instances i, w
          where i.terminated_at is null or i.terminated_at > w.start
@@ -464,6 +528,8 @@ revoke execute on function
     gpuq.operator_drain_instance(bigint, text, text),
     gpuq.operator_destroy_instance(bigint, text, text),
     gpuq.dashboard_queues(),
+    gpuq.dashboard_queue_outcomes(),
+    gpuq.dashboard_failures(interval),
     gpuq.dashboard_instances(integer),
     gpuq.dashboard_jobs(integer),
     gpuq.dashboard_money(text),
@@ -499,14 +565,15 @@ begin
             execute format($g$grant execute on function
                 gpuq.paused_queues(),
                 gpuq.dashboard_queues(),
+                gpuq.dashboard_queue_outcomes(),
+                gpuq.dashboard_failures(interval),
                 gpuq.dashboard_instances(integer),
                 gpuq.dashboard_jobs(integer),
                 gpuq.dashboard_money(text),
                 gpuq.dashboard_decisions(integer),
                 gpuq.dashboard_actions(integer),
                 gpuq.dashboard_queue_depth(interval, interval),
-                gpuq.dashboard_fleet_history(interval, interval),
-                gpuq.failure_stats(interval)
+                gpuq.dashboard_fleet_history(interval, interval)
             to %I$g$, r);
         end if;
     end loop;
