@@ -23,13 +23,21 @@ import requests
 from gpuq.client import Client
 from gpuq.dashboard.auth import UsersError, check_password, hash_password, parse_users
 from gpuq.dashboard.board import Budget, gpu_readings
-from gpuq.dashboard.server import Background, DashboardSettings, build_app, start_background
+from gpuq.dashboard.server import (
+    Background,
+    DashboardSettings,
+    build_app,
+    start_background,
+    start_beside_manager,
+)
 from gpuq.settings import Settings
+from manager.policy import PolicySettings
 from tests.conftest import enroll
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORDS = {"alice": "alice-operator-pw", "victor": "victor-viewer-pw"}
 BUDGET = Budget(10.0, 2.0, "UTC")
+POLICY = PolicySettings(queues={}, max_total_dph=2.0, daily_budget=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -439,6 +447,21 @@ def test_manager_run_serves_the_dashboard_beside_its_loop(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_a_taken_port_leaves_the_manager_running_without_its_page(
+    db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("GPUQ_DASHBOARD_PORT", str(taken.getsockname()[1]))
+        monkeypatch.delenv("GPUQ_DASHBOARD_USERS", raising=False)
+        monkeypatch.delenv("GPUQ_DASHBOARD_HOST", raising=False)
+        assert start_beside_manager(db_url, settings, POLICY) is None
+    assert "no dashboard: the dashboard could not listen on 127.0.0.1:" in caplog.text
+    monkeypatch.delenv("GPUQ_DASHBOARD_PORT")
+    assert start_beside_manager(db_url, settings, POLICY) is None  # not asked for: nothing served
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -37,7 +37,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gpuq.client import DONE_CHANNEL, JOBS_CHANNEL, PROGRESS_CHANNEL, Listener
-from gpuq.dashboard.auth import LOCAL_OPERATOR, Account, User, basic_credentials, check_password
+from gpuq.dashboard.auth import (
+    LOCAL_OPERATOR,
+    Account,
+    User,
+    basic_credentials,
+    check_password,
+    hash_password,
+)
 from gpuq.dashboard.board import Board, ControlError
 
 log = logging.getLogger("gpuq.dashboard")
@@ -47,6 +54,7 @@ SECTIONS = ("money", "queues", "instances", "running", "finished", "failures", "
 HISTORY_SECONDS = 30.0
 MIN_GAP_SECONDS = 1.0  # at most one refresh a second, however many jobs report progress
 KEEPALIVE_SECONDS = 15.0
+FAILED_LOGIN_DELAY_SECONDS = 0.5  # each wrong guess costs the guesser this too
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,6 +85,7 @@ class Access:
     allowed_hosts: frozenset[str] | None
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _verified: dict[bytes, User] = field(default_factory=dict)
+    _decoy: str = field(default_factory=lambda: hash_password(secrets.token_urlsafe(16)))
 
     def host_allowed(self, host: str | None) -> bool:
         if self.allowed_hosts is None:
@@ -96,11 +105,14 @@ class Access:
         if user is not None:
             return user
         creds = basic_credentials(header)
-        account = self.accounts.get(creds[0]) if creds else None
-        if creds is None or account is None:
+        if creds is None:
             return None
-        # scrypt takes tens of milliseconds: off the event loop
-        if not await asyncio.to_thread(check_password, creds[1], account.hashed):
+        account = self.accounts.get(creds[0])
+        # scrypt takes tens of milliseconds: off the event loop, and for an unknown name too, so that the
+        # time taken does not tell which names exist
+        hashed = account.hashed if account is not None else self._decoy
+        if not await asyncio.to_thread(check_password, creds[1], hashed) or account is None:
+            await asyncio.sleep(FAILED_LOGIN_DELAY_SECONDS)
             return None
         if len(self._verified) >= 256:
             self._verified.clear()

@@ -7,6 +7,7 @@ reach the page could cancel jobs and end machines.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -140,7 +141,11 @@ class Background:
     def __init__(self, app: ASGIApp, ds: DashboardSettings, port: int) -> None:
         self.ds = ds
         self.server = uvicorn.Server(_config(app, ds, port))
-        self.thread = threading.Thread(target=self.server.run, name="gpuq-dashboard", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="gpuq-dashboard", daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot listen (it logged why)
+            self.server.run()
 
     def start(self, timeout: float = 15.0) -> Background:
         self.thread.start()
@@ -181,6 +186,10 @@ def start_beside_manager(url: str, settings: Settings, policy: Caps) -> Backgrou
     """`gpuq manager run`: the dashboard too, when GPUQ_DASHBOARD_PORT is set."""
     if not os.environ.get("GPUQ_DASHBOARD_PORT"):
         return None
-    dashboard = start_background(url, settings, Budget.of(policy), DashboardSettings.from_env())
+    try:
+        dashboard = start_background(url, settings, Budget.of(policy), DashboardSettings.from_env())
+    except OSError as e:  # the loop matters more than the page: say so and go on without it
+        log.error("no dashboard: %s", e)
+        return None
     log.info("dashboard: %s", dashboard.url)
     return dashboard
