@@ -449,6 +449,31 @@ def test_manager_run_serves_the_dashboard_beside_its_loop(
     assert proc.returncode == 0, out
 
 
+def test_gpuq_dashboard_serves_the_embedded_default_and_stops_it_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": "", "PYTHONPATH": str(REPO), "GPUQ_DATA_DIR": str(tmp_path / "data")}
+    env.pop("GPUQ_DASHBOARD_USERS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpuq.cli", "dashboard", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        page = wait_for_page(f"http://127.0.0.1:{port}/", proc)
+        assert page.status_code == 200 and "No queue has had a job" in page.text
+        assert (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()  # its own Postgres is up
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    # uvicorn raises SIGTERM again after its shutdown; had that killed the process, the embedded Postgres
+    # would still be running (its pid file left behind)
+    assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists(), out
+
+
 def test_a_taken_port_leaves_the_manager_running_without_its_page(
     db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -389,12 +389,13 @@ def create_app(board: Board, access: Access, *, refresh: float = 2.0) -> ASGIApp
             with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
                 loop.call_soon_threadsafe(hub.wake)
 
-        threading.Thread(
+        listener = threading.Thread(
             target=listen,
             args=(board.url, board.settings, wake, stop),
             name="gpuq-dashboard-listen",
             daemon=True,
-        ).start()
+        )
+        listener.start()
         task = asyncio.create_task(hub.run())
         try:
             yield
@@ -403,6 +404,7 @@ def create_app(board: Board, access: Access, *, refresh: float = 2.0) -> ASGIApp
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await asyncio.to_thread(listener.join, 3.0)  # its connection closed before the database may go
             board.close()
 
     app = Starlette(

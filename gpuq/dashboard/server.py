@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -131,8 +132,15 @@ def serve(url: str, settings: Settings, budget: Budget, ds: DashboardSettings) -
     app = build_app(url, settings, budget, ds)
     print(f"gpuq dashboard: {ds.url()}", flush=True)
     server = uvicorn.Server(_config(app, ds, ds.port))
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: with the default action the process
+    # would die there, before exit handlers run, and leave the embedded Postgres running
+    signal.signal(signal.SIGTERM, _exit)
     server.run()
     return 0 if server.started else 1
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 class Background:
