@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -71,7 +72,9 @@ SECURITY_HEADERS = [
     ),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # not no-referrer: under it a browser following the Fetch standard sends `Origin: null` on the page's
+    # own POSTs, which the Origin check refuses; same-origin tells other sites nothing
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
 
@@ -240,10 +243,8 @@ class Hub:
         self.templates = templates
         self.refresh = refresh
         self.pages: dict[asyncio.Queue[tuple[str, Any]], User] = {}
-        self.last_state: dict[str, Any] | None = None
-        self.last_history: dict[str, Any] | None = None
         self._wake = asyncio.Event()
-        self._history_at = 0.0
+        self._history_at = -math.inf
         self._rendered_state: dict[str, Any] | None = None
         self._rendered: dict[str, dict[str, str]] = {}  # role -> sections of _rendered_state
 
@@ -263,7 +264,7 @@ class Hub:
     def subscribe(self, user: User) -> asyncio.Queue[tuple[str, Any]]:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=8)
         self.pages[queue] = user
-        self._history_at = 0.0  # a new page wants its charts now
+        self._history_at = -math.inf  # a new page wants its charts now
         self.wake()
         return queue
 
@@ -278,13 +279,10 @@ class Hub:
             self._wake.clear()
             started = loop.time()
             try:
-                state = await asyncio.to_thread(self.board.state)
-                self.last_state = state
-                self._publish("state", state)
+                self._publish("state", await asyncio.to_thread(self.board.state))
                 if started - self._history_at >= HISTORY_SECONDS:
-                    self.last_history = await asyncio.to_thread(self.board.history)
+                    self._publish("history", await asyncio.to_thread(self.board.history))
                     self._history_at = started
-                    self._publish("history", self.last_history)
             except Exception as e:  # the database went away: say so, try again next interval
                 log.warning("dashboard refresh failed: %s", e)
                 self._publish("trouble", "the database did not answer; retrying")
