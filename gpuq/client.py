@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -158,6 +158,17 @@ class Registration:
     max_lease_seconds: int
 
 
+@dataclass(frozen=True)
+class IssuedCredentials:
+    """Storage credentials the manager issued one instance (sql 0008): S3 keys from STS, or a Supabase
+    Storage token. Their values are secret: never in a repr, never logged."""
+
+    kind: str  # "s3", "supabase"
+    values: dict[str, Any] = field(repr=False)
+    issued_at: datetime
+    expires_at: datetime
+
+
 SECRET_PREFIX = "gpuqi_"
 
 
@@ -259,9 +270,9 @@ class Client:
         self.settings = settings
 
     @classmethod
-    def connect(cls, url: str, settings: Settings | None = None) -> Client:
+    def connect(cls, url: str, settings: Settings | None = None, *, application_name: str = "gpuq") -> Client:
         settings = settings or Settings.from_env()
-        return cls(connect(url, settings), url, settings)
+        return cls(connect(url, settings, application_name=application_name), url, settings)
 
     def close(self) -> None:
         self.conn.close()
@@ -408,6 +419,17 @@ class Client:
             ),
         )
         return int(rows[0]["id"]), secret
+
+    def set_instance_credentials(
+        self, instance_id: int, kind: str, values: dict[str, Any], expires_at: datetime
+    ) -> bool:
+        """Give a live instance its storage credentials of this kind (replacing any); False, storing
+        nothing, when the instance has ended or has no secret. Needs the manager's rights."""
+        rows = self.call(
+            "select gpuq.set_instance_credentials(%s, %s, %s, %s) as stored",
+            (instance_id, kind, Jsonb(values), expires_at),
+        )
+        return bool(rows[0]["stored"])
 
     def release_instance_jobs(self, instance_id: int) -> int:
         """Hand every job an instance holds back to the queue (the manager, before a destroy)."""
@@ -606,3 +628,11 @@ class InstanceClient:
         """Seconds since a manager last ticked here (None: never): a rented worker's orphan check."""
         value = self.call("select gpuq.manager_silence_seconds(%s) as s")[0]["s"]
         return None if value is None else float(value)
+
+    def credentials(self, kind: str) -> IssuedCredentials | None:
+        """This instance's unexpired storage credentials of that kind, as the manager last issued them
+        (None: none yet, or they expired)."""
+        for row in self.call("select * from gpuq.instance_credentials(%s)"):
+            if row["kind"] == kind:
+                return IssuedCredentials(kind, row["credentials"], row["issued_at"], row["expires_at"])
+        return None

@@ -1,19 +1,102 @@
-"""Connections: the server at DATABASE_URL, or an embedded Postgres (the `pgserver` wheel) by default."""
+"""Connections: the server at DATABASE_URL, or an embedded Postgres (the `pgserver` wheel) by default.
+
+A database that goes silent must not stall its caller. Every connection gives up connecting after
+CONNECT_TIMEOUT_S, and has TCP keepalives and a TCP user timeout, so a peer that stops answering (a network
+black hole, a host that vanished) breaks the connection instead of leaving a read waiting for ever; the
+URL's own settings for these win. A caller that must never wait long for one statement (the manager: a
+stuck tick bills unseen) also sets a deadline: `connect(..., timeout_s=)` or `set_deadline()`. Each
+`execute` that has not answered by then has its socket shut down from a watchdog thread, and fails with
+DatabaseTimeout (an OperationalError: the connection is broken, reconnect); the server is asked to give up
+such statements too (statement_timeout, and server-side keepalives, except through a transaction pooler,
+where session settings do not stay with the session). A deadline is never the default: `gpuq migrate`
+waits on other migrators' lock, a worker waits on LISTEN.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+import socket
+import threading
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
 
 from gpuq.settings import Settings
 
 log = logging.getLogger("gpuq.db")
 
 Connection = psycopg.Connection[dict[str, Any]]
+
+CONNECT_TIMEOUT_S = 10
+TCP_USER_TIMEOUT_MS = 30_000  # unacknowledged data this long: the peer is gone
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+class DatabaseTimeout(psycopg.OperationalError):
+    """A statement got no answer within the connection's deadline; the connection is broken."""
+
+
+class GpuqConnection(psycopg.Connection[DictRow]):
+    """A psycopg connection whose `execute` honours `deadline_s` (None: waits as long as it takes)."""
+
+    deadline_s: float | None = None
+
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool = False
+    ) -> Any:
+        deadline = self.deadline_s
+        if deadline is None:
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        with _Watchdog(self, deadline):
+            return super().execute(query, params, prepare=prepare, binary=binary)
+
+
+class _Watchdog:
+    """Shuts the connection's socket down if the statement outlives `seconds`: the blocked read then
+    returns at once, and psycopg raises. (Closing the connection from another thread is not safe; a
+    shutdown of the socket is.)"""
+
+    def __init__(self, conn: GpuqConnection, seconds: float) -> None:
+        self.conn = conn
+        self.seconds = seconds
+        self.fired = False
+        self._armed = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._armed = True
+        self._timer.start()
+        return self
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self.fired = True
+            try:
+                sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+            except (OSError, psycopg.Error):
+                return
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        with self._lock:
+            self._armed = False
+        self._timer.cancel()
+        if self.fired and isinstance(exc, psycopg.OperationalError):
+            raise DatabaseTimeout(f"the database did not answer within {self.seconds:g} s") from exc
 
 
 # URL form: scheme://user:PASSWORD@host, up to the last "@" (a password may hold one unencoded).
@@ -45,14 +128,72 @@ def database_url(settings: Settings) -> str:
     return settings.database_url or embedded_url(settings)
 
 
-def connect(url: str, settings: Settings, *, autocommit: bool = True) -> Connection:
+def _network_settings(url: str, timeout_s: float | None) -> dict[str, Any]:
+    """Connect timeout, keepalives and TCP user timeout, where the URL (or PGCONNECT_TIMEOUT) sets none."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return {}  # psycopg.connect will say what is wrong with it
+    wanted: dict[str, Any] = dict(KEEPALIVES)
+    connect_s = CONNECT_TIMEOUT_S if timeout_s is None else min(CONNECT_TIMEOUT_S, math.ceil(timeout_s))
+    wanted["connect_timeout"] = max(2, connect_s)  # libpq takes less than 2 as 2
+    wanted["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS if timeout_s is None else int(timeout_s * 1000)
+    if os.environ.get("PGCONNECT_TIMEOUT"):
+        wanted.pop("connect_timeout")
+    return {k: v for k, v in wanted.items() if k not in given}
+
+
+def connect(
+    url: str,
+    settings: Settings,
+    *,
+    autocommit: bool = True,
+    timeout_s: float | None = None,
+    application_name: str = "gpuq",
+) -> Connection:
     """One connection as gpuq uses them: autocommit (each SQL function is its own transaction), rows as
-    dicts, and no prepared statements through a transaction pooler (they break there)."""
-    conn = psycopg.connect(
+    dicts, and no prepared statements through a transaction pooler (they break there). `timeout_s`: the
+    deadline of every statement (see the module's notes); None waits as long as a statement takes."""
+    conn = GpuqConnection.connect(
         url,
         autocommit=autocommit,
         row_factory=dict_row,
         prepare_threshold=None if settings.transaction_pooler else 5,
-        application_name="gpuq",
+        application_name=application_name,
+        **_network_settings(url, timeout_s),
     )
+    if timeout_s is not None:
+        try:
+            set_deadline(conn, timeout_s, settings)
+        except BaseException:
+            conn.close()
+            raise
     return conn
+
+
+def set_deadline(conn: Connection, seconds: float | None, settings: Settings) -> None:
+    """Give every later statement on `conn` at most `seconds` (None: no limit), and ask the server to
+    give up such statements and dead clients too (not through a transaction pooler)."""
+    if not isinstance(conn, GpuqConnection):
+        raise TypeError("set_deadline needs a connection made by gpuq.db.connect")
+    conn.deadline_s = seconds
+    if seconds is None or settings.transaction_pooler:
+        return
+    ms = max(1, int(seconds * 1000))
+    was = conn.autocommit
+    if not was and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return  # inside someone's transaction: leave its session settings alone
+    conn.autocommit = True
+    try:
+        conn.execute(f"set statement_timeout = {ms}")
+        # A client the network lost (its tick lock held in an open transaction) is noticed by the server.
+        conn.execute("set tcp_keepalives_idle = 10")
+        conn.execute("set tcp_keepalives_interval = 5")
+        conn.execute("set tcp_keepalives_count = 3")
+    finally:
+        conn.autocommit = was
+
+
+def deadline_of(conn: Connection) -> float | None:
+    """The statement deadline `conn` was given (None: none)."""
+    return getattr(conn, "deadline_s", None)

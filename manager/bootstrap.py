@@ -26,7 +26,8 @@ GPUQ_WORKFLOWS and GPUQ_WORKFLOWS_DIR (whose bindings' models are downloaded; de
 workflows/); GPUQ_INSTALL_URL with GPUQ_INSTALL_SHA256, or GPUQ_INSTALL_SPEC; GPUQ_WORKSPACE (/workspace:
 everything goes under $GPUQ_WORKSPACE/gpuq); GPUQ_PYTHON (python3, for the venv); GPUQ_WORKER_CMD (default
 <venv>/bin/python -m gpuq.cli worker); GPUQ_ORPHAN_TIMEOUT_SECONDS and GPUQ_SELF_TERMINATE_CMD (the
-worker's orphan check). GPUQ_STORAGE_URL and storage credentials are the worker's.
+worker's orphan check). GPUQ_STORAGE_URL is the worker's; its storage credentials are its instance's own,
+from the database (GPUQ_STORAGE_CREDENTIALS=instance, manager/credentials.py), where the manager issues them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from manager import credentials
 from manager.config import ManagerSettings, check_host_env
 from manager.providers.base import LaunchSpec, Offer, ProviderError
 from worker import workflows
@@ -119,6 +121,7 @@ def instance_env(ms: ManagerSettings, queue: str, provider: str) -> dict[str, st
             raise LaunchRefused(NO_WORKER_LOGIN)
         env["DATABASE_URL"] = ms.worker_database_url
         env.update(install_env(ms))
+        env.update(credentials.host_env(ms))  # storage credentials of its own, from the database
     if ms.storage_url:
         env["GPUQ_STORAGE_URL"] = ms.storage_url
     if ms.orphan_timeout_s and rented:

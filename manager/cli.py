@@ -14,7 +14,10 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import psycopg
+
 from gpuq.client import Client, open_client
+from gpuq.db import set_deadline
 from gpuq.settings import Settings
 from manager.config import ManagerSettings
 from manager.metrics import Metrics
@@ -60,25 +63,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         return int(simulate_main(list(args.simulate_args)) or 0)
     ms = ManagerSettings.from_env()
-    client = open_client(settings)
-    url = client.url
+    stop = _stop_on_signals() if command == "run" else None
+    client = _open(settings, ms, stop)
+    if client is None:
+        return 0  # stopped before the database ever answered
+    manager: Manager | None = None
     try:
         if command == "status":
             return _status(client, ms, args.days)
         check_before_renting(ms, client)  # what rented hosts would get: their own login, no secret
-        manager = Manager(client, ms, build_providers(ms, url, settings), Metrics())
+        manager = Manager(client, ms, build_providers(ms, client.url, settings), Metrics())
         if command == "tick":
             result = tick(manager, dry_run=args.dry_run)
             return 1 if result.errors or result.reconcile.unverified else 0
         from gpuq.dashboard.server import start_beside_manager  # serves when GPUQ_DASHBOARD_PORT is set
 
         start_beside_manager(client.url, settings, ms.policy)
-        return _loop(manager, args.dry_run, args.ticks)
+        return _loop(manager, args.dry_run, args.ticks, stop)
     finally:
-        client.close()
+        (manager.client if manager is not None else client).close()  # run may have reconnected
 
 
-def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -87,17 +93,47 @@ def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _open(settings: Settings, ms: ManagerSettings, stop: threading.Event | None) -> Client | None:
+    """The manager's database client, every statement held to the deadline. `run` (given `stop`) waits
+    for a database that does not answer yet, as it does mid-run; `tick` and `status` fail at once."""
+    delay = 1.0
+    while True:
+        try:
+            client = open_client(settings)
+            try:
+                set_deadline(client.conn, ms.db_timeout_s, settings)
+            except BaseException:
+                client.close()
+                raise
+            return client
+        except psycopg.OperationalError as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if stop is None:
+                raise SystemExit(f"gpuq manager: cannot reach the database: {why}") from None
+            log.warning("database unreachable (%s); trying again in %.0f s", why, delay)
+        if stop.wait(delay):
+            return None
+        delay = min(delay * 2, max(ms.tick_seconds, 1.0))
+
+
+def _loop(manager: Manager, dry_run: bool, ticks: int, stop: threading.Event | None = None) -> int:
+    stop = stop if stop is not None else _stop_on_signals()
     server = None
     if manager.settings.metrics_port:
         server = manager.metrics.serve(manager.settings.metrics_port)
     done = 0
     try:
         while not stop.is_set():
-            try:
-                tick(manager, dry_run=dry_run)
-            except Exception:  # a loop that dies leaves machines billing: log, wait, go on
-                log.exception("tick failed; trying again next interval")
-                _reconnect(manager)
+            # A connection that went stale in an outage is replaced before the tick, not by a failed tick.
+            if _database_ready(manager):
+                try:
+                    tick(manager, dry_run=dry_run)
+                except Exception:  # a loop that dies leaves machines billing: log, wait, go on
+                    log.exception("tick failed; trying again next interval")
+                    _reconnect(manager)
             done += 1
             if ticks and done >= ticks:
                 break
@@ -108,19 +144,36 @@ def _loop(manager: Manager, dry_run: bool, ticks: int) -> int:
     return 0
 
 
-def _reconnect(manager: Manager) -> None:
+def _database_ready(manager: Manager) -> bool:
+    """Whether the database answers now, on a new connection if the old one is gone or silent."""
+    conn = manager.client.conn
+    if not (conn.closed or conn.broken):
+        try:
+            conn.execute("select 1")
+            return True
+        except psycopg.Error as e:
+            log.warning("database check failed (%s); reconnecting", str(e).strip().splitlines()[0])
+    return _reconnect(manager, force=True)
+
+
+def _reconnect(manager: Manager, *, force: bool = False) -> bool:
     """A new database connection when the old one is gone (a restart, a failover, a network blip):
-    without it every later tick failed on the dead connection and nothing was destroyed again."""
+    without it every later tick failed on the dead connection and nothing was destroyed again. `force`:
+    also when psycopg does not know it is gone yet (a check failed on it)."""
     old = manager.client
-    if not (old.conn.closed or old.conn.broken):
-        return
+    if not force and not (old.conn.closed or old.conn.broken):
+        return True
     try:
-        manager.client = Client.connect(old.url, old.settings)
+        client = Client.connect(old.url, old.settings)
+        set_deadline(client.conn, manager.settings.db_timeout_s, old.settings)
     except Exception as e:
         log.warning("database reconnect failed (%s); trying again next interval", e)
-        return
+        return False
+    manager.client = client
     with contextlib.suppress(Exception):
         old.close()
+    log.info("database connection restored")
+    return True
 
 
 def _status(client: Client, ms: ManagerSettings, days: int) -> int:

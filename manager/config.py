@@ -29,6 +29,9 @@ Environment (the README's table lists the same):
   GPUQ_DEPLOYMENT             our label is gpuq:<deployment>:<queue>; reconciliation owns every instance
                               labelled gpuq:<deployment>: (default `default`)
   GPUQ_MANAGER_TICK_SECONDS   `run`'s interval (default 60)
+  GPUQ_MANAGER_DB_TIMEOUT_SECONDS  the longest the manager waits for one database statement (or a
+                              connection) before giving up on that connection (default 30): a silent
+                              database must not stall a tick while what it rented bills
   GPUQ_ORPHAN_TIMEOUT_SECONDS a rented instance with no job and no manager tick for this long (or no
                               database) ends itself (default 3600; 0: never)
   GPUQ_DAILY_BUDGET           overrides daily_budget ($, default 10)
@@ -47,6 +50,8 @@ Environment (the README's table lists the same):
   GPUQ_INSTALL_URL, GPUQ_INSTALL_SHA256   instead: a wheel of this gpuq version served elsewhere
   GPUQ_INSTALL_SPEC           instead: a pinned release, `NAME==VERSION --hash=sha256:HEX`
   GPUQ_BOOTSTRAP_URL          fetch onstart.sh from here when its packed copy does not fit
+  GPUQ_S3_ROLE_ARN, SUPABASE_JWT_SECRET with SUPABASE_ANON_KEY, GPUQ_CREDENTIALS_SECONDS
+                              each rented instance's own storage credentials (manager/credentials.py)
   VAST_API_KEY                Vast.ai API key (vast provider); GPUQ_VAST_URL another API server
   GPUQ_AWS_REGION, GPUQ_AWS_AMI, GPUQ_AWS_INSTANCE_TYPES, GPUQ_AWS_SUBNET, GPUQ_AWS_SECURITY_GROUPS,
   GPUQ_AWS_INSTANCE_PROFILE, GPUQ_AWS_ENDPOINT_URL   the aws_spot provider
@@ -116,6 +121,7 @@ class ManagerSettings:
     bootstrap_url: str | None = None
     # A rented instance idle this long with no manager tick (or without its database) ends itself.
     orphan_timeout_s: float = 3600.0
+    db_timeout_s: float = 30.0  # the longest one database statement may take
 
     @property
     def label_prefix(self) -> str:
@@ -230,6 +236,9 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         raise SystemExit(f"gpuq manager: queues use providers not enabled: {', '.join(sorted(missing))}")
 
     tick_seconds = env_float("GPUQ_MANAGER_TICK_SECONDS", 60.0)
+    db_timeout = env_float("GPUQ_MANAGER_DB_TIMEOUT_SECONDS", 30.0)
+    if db_timeout <= 0:
+        raise SystemExit(f"gpuq manager: GPUQ_MANAGER_DB_TIMEOUT_SECONDS must be above 0, got {db_timeout:g}")
     orphan_timeout = env_float("GPUQ_ORPHAN_TIMEOUT_SECONDS", 3600.0)
     # shorter, and a few slow or failed ticks would make healthy instances end themselves
     shortest = max(600.0, 5 * tick_seconds)
@@ -258,6 +267,7 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         worker_env_names=worker_env,
         bootstrap_url=os.environ.get("GPUQ_BOOTSTRAP_URL") or None,
         orphan_timeout_s=orphan_timeout,
+        db_timeout_s=db_timeout,
         **install,
     )
 
@@ -273,6 +283,7 @@ SECRET_NAMES = {
     "SUPABASE_SERVICE_ROLE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SERVICE_KEY": "a Supabase service-role key, which bypasses row level security",
     "SUPABASE_SECRET_KEY": "a Supabase secret key (sb_secret_…), which bypasses row level security",
+    "SUPABASE_JWT_SECRET": "the Supabase project's JWT secret, which signs tokens of any role",
     "AWS_ACCESS_KEY_ID": "the manager's AWS key",
     "AWS_SECRET_ACCESS_KEY": "the manager's AWS key",
     "AWS_SESSION_TOKEN": "the manager's AWS session",
@@ -284,6 +295,7 @@ _NEVER_IN_QUEUE_ENV = (
     "SUPABASE_SERVICE_ROLE_KEY",
     "SUPABASE_SERVICE_KEY",
     "SUPABASE_SECRET_KEY",
+    "SUPABASE_JWT_SECRET",
 )
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.(eyJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 _SHORT = 12  # a secret shorter than this is matched whole, not inside longer values

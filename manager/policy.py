@@ -7,10 +7,17 @@ call it. Each tick it works through, in order:
    avoid their machine from then on), silent instances past the heartbeat timeout (releasing their jobs),
    and draining instances that are done or past the drain timeout;
 2. money: while the daily budget could be crossed, or the $/h now billing is above the total cap, shed
-   instances (idle and booting ones are destroyed, busy ones drained), the dearest first;
+   instances (idle and booting ones are destroyed, busy ones drained), the dearest first; a machine whose
+   instance is shed before it was ready is avoided for `shed_avoid_s` (it may be stuck, and renting it
+   again would pay its boot again);
 3. each queue: outside its allowed hours scale to zero (drain what is busy); otherwise work out the
-   instances needed and rent the offers cheapest per job, or scale in (idle instances past the idle
-   timeout; busy surplus is drained, never destroyed), never below min or above max.
+   instances needed, or scale in (idle instances past the idle timeout; busy surplus is drained, never
+   destroyed), never below min or above max;
+4. rents, shared between the queues that need more: round by round, one rent per queue per round, the
+   queue with the fewest instances first, each taking its offer cheapest per job that fits the caps. A
+   queue with work and no instance that the caps leave out gets room made: one instance of the queue with
+   the most (two or more) is stopped when that lets the first rent fit, so every queue with work makes
+   progress; a queue with work that gets nothing more has a `Hold` saying why.
 
 Instances needed, while any job is queued or running, = max(ceil((queued + running) / target jobs per
 instance), ceil(recent load / target utilisation)), clamped to [min, max]. The first term reacts to a
@@ -21,7 +28,9 @@ last hour's arrivals would not load the rest past `target_utilisation` (a 20-min
 rented instance is still booting, never takes the last instance (the idle timeout does that), and drains
 rather than destroys a busy one.
 Offers are ranked by expected $ per job ($/h over measured jobs/h on this queue, or over its arrival rate
-when that is lower); untried GPU types get an optimistic guess so they are tried.
+when that is lower); untried GPU types get an optimistic guess so they are tried. An offer without a
+usable price (not a number, negative) is never rented, and one on a machine that billed more than its
+offer said (`price_markups`, from the provider's listings) is priced at what that machine bills.
 
 Money rule: a rent is allowed only if spend today + Σ dph × hours each instance may still bill today
 stays within the daily budget. An instance may bill until the end of the budget day, or, for a queue with
@@ -37,13 +46,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from manager.providers.base import Offer, OfferFilter
+from manager.providers.base import Offer, OfferFilter, is_price
 
 
 class InstanceState(StrEnum):
@@ -184,6 +193,7 @@ class PolicySettings:
     cooldown_s: float = 300.0  # no scale-in this soon after the queue's last rent
     min_window_left_s: float = 900.0  # no rent this close to the window's end: it would boot for nothing
     billing_lag_s: float = 300.0  # how long billing may outlast a decision to stop it
+    shed_avoid_s: float = 3600.0  # a machine whose instance the caps shed before it was ready is avoided
     # An untried GPU type is ranked as if this many times faster than the fastest measured one, so each
     # type that could be cheaper per job gets tried; 1.0 never explores.
     explore_factor: float = 1.5
@@ -199,6 +209,7 @@ class PolicySettings:
             "cooldown_s",
             "min_window_left_s",
             "billing_lag_s",
+            "shed_avoid_s",
         ):
             _not_negative(name, getattr(self, name))
         if not self.explore_factor >= 1.0:
@@ -248,9 +259,18 @@ class Destroy:
 class AvoidMachine:
     machine_id: str
     reason: str
+    for_s: float | None = None  # how long; None: the default (a week)
 
 
-Action = Rent | Drain | Destroy | AvoidMachine
+@dataclass(frozen=True)
+class Hold:
+    """A queue with work that gets no instance this tick, and why (nothing to act on: a log line)."""
+
+    queue: str
+    reason: str
+
+
+Action = Rent | Drain | Destroy | AvoidMachine | Hold
 
 
 def decide(
@@ -262,7 +282,10 @@ def decide(
     *,
     spend: Spend,
     avoided_machines: frozenset[str] = frozenset(),
+    price_markups: Mapping[str, float] | None = None,
 ) -> list[Action]:
+    """`price_markups`: machine id -> $/h that machine billed above what its offer said (its listing
+    contradicted the price it was rented at); its offers are priced that much higher."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     now = now.astimezone(UTC)
@@ -271,13 +294,25 @@ def decide(
     for inst in live:
         plan.bills(inst.id, inst.dph, plan.billing_end(inst))
     snapshots = {q.name: q for q in queues}
+    offers = [_priced(o, price_markups or {}) for o in offers]
 
     _check_health(plan, live, avoided_machines)
-    _enforce_money_caps(plan, live)
+    _enforce_money_caps(plan, live, avoided_machines)
+    wants = []
     for name in sorted(set(settings.queues) | {i.queue for i in live}):
         snapshot = snapshots.get(name) or QueueSnapshot(name, 0, 0)
-        _scale_queue(plan, snapshot, live, offers, avoided_machines)
+        want = _scale_queue(plan, snapshot, live)
+        if want is not None:
+            wants.append(want)
+    _rent_fairly(plan, wants, live, offers, avoided_machines)
     return plan.actions
+
+
+def _priced(offer: Offer, markups: Mapping[str, float]) -> Offer:
+    markup = markups.get(offer.machine_id or "", 0.0)
+    if not (is_price(markup) and markup > 0) or not is_price(offer.dph):
+        return offer
+    return replace(offer, dph=round(offer.dph + markup, 6))
 
 
 class _Plan:
@@ -348,10 +383,26 @@ class _Plan:
         else:
             self.destroy(inst, reason, release_jobs=False)
 
-    def avoid(self, machine_id: str | None, reason: str, already: frozenset[str]) -> None:
+    def avoid(
+        self, machine_id: str | None, reason: str, already: frozenset[str], for_s: float | None = None
+    ) -> None:
         if machine_id and machine_id not in already and machine_id not in self.avoided:
             self.avoided.add(machine_id)
-            self.actions.append(AvoidMachine(machine_id, reason))
+            self.actions.append(AvoidMachine(machine_id, reason, for_s))
+
+    def fits(self, dph: float, until: datetime) -> str | None:
+        """None when a rent billing `dph` until `until` fits the caps; else which cap it crosses."""
+        s = self.settings
+        billing = self.total_dph()
+        if billing + dph > s.max_total_dph:
+            return f"total cap: ${billing:.2f}/h billing + ${dph:.2f}/h > ${s.max_total_dph:.2f}/h"
+        key = "rent:?"
+        self.bills(key, dph, until)
+        projected = self.projected_spend()
+        del self.billing[key]
+        if projected > s.daily_budget:
+            return f"daily budget: spend today could reach {_over(projected, s.daily_budget)}"
+        return None
 
 
 def _check_health(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]) -> None:
@@ -363,7 +414,7 @@ def _check_health(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]
         elif inst.state in _STARTING:
             age = _seconds(inst.created_at, now)
             if age >= s.ready_timeout_s:
-                why = f"not ready after {age / 60:.0f} min (ready timeout {s.ready_timeout_s / 60:.0f} min)"
+                why = f"not ready after {_duration(age)} (ready timeout {_duration(s.ready_timeout_s)})"
                 plan.destroy(inst, f"destroy {inst.id}: {why}", release_jobs=True)
                 plan.avoid(inst.machine_id, f"{inst.id} on it was {why}", avoided)
         elif inst.state in _READY:
@@ -381,7 +432,7 @@ def _check_health(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]
                     plan.destroy(inst, f"destroy {inst.id}: {why}", release_jobs=True)
 
 
-def _enforce_money_caps(plan: _Plan, live: list[InstanceView]) -> None:
+def _enforce_money_caps(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]) -> None:
     s = plan.settings
     # Idle first (nothing lost), then booting (only boot time lost), then busy (drained); dearest first.
     order = {InstanceState.IDLE: 0, InstanceState.REQUESTED: 1, InstanceState.BOOTING: 1}
@@ -390,33 +441,49 @@ def _enforce_money_caps(plan: _Plan, live: list[InstanceView]) -> None:
     for inst in candidates:
         projected, dph = plan.projected_spend(), plan.total_dph(stopping=False)
         if projected > s.daily_budget:
-            why = f"spend today could reach ${projected:.2f} > ${s.daily_budget:.2f}"
-            plan.stop(inst, f"stop {inst.id}: {why}")
+            why = f"spend today could reach {_over(projected, s.daily_budget)}"
         elif dph > s.max_total_dph:
-            plan.stop(inst, f"stop {inst.id}: billing ${dph:.2f}/h > cap ${s.max_total_dph:.2f}/h")
+            why = f"billing ${dph:.2f}/h > cap ${s.max_total_dph:.2f}/h"
         else:
             return
+        plan.stop(inst, f"stop {inst.id}: {why}")
+        if inst.state in _STARTING and s.shed_avoid_s > 0:
+            # Shed before it was ready: renting its machine again at once would pay the boot again (and
+            # a machine stuck loading would be rented and shed over and over, never reaching its timeout).
+            age = _duration(_seconds(inst.created_at, plan.now))
+            reason = f"{inst.id} on it shed after {age} booting ({why})"
+            plan.avoid(inst.machine_id, reason, avoided, s.shed_avoid_s)
 
 
-def _scale_queue(
-    plan: _Plan,
-    snap: QueueSnapshot,
-    live: list[InstanceView],
-    offers: list[Offer],
-    avoided: frozenset[str],
-) -> None:
+@dataclass
+class _Want:
+    """A queue that needs more instances this tick: how many, and what it got."""
+
+    snap: QueueSnapshot
+    policy: QueuePolicy
+    have: int
+    count: int
+    status: str
+    rank: _Ranker
+    got: int = 0
+    blocked: str | None = None  # why its last try found nothing
+    by_money: bool = False  # it was the caps (total $/h or the daily budget), not the offers
+
+
+def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> _Want | None:
+    """Scale in (or stop, outside the queue's hours); answers what the queue needs rented, if anything."""
     policy = plan.settings.queues.get(snap.name)
     pool = [i for i in live if i.queue == snap.name and i.id not in plan.acted]
     pool = [i for i in pool if i.state in _STARTING or i.state in (InstanceState.IDLE, InstanceState.BUSY)]
     if policy is None:
         for inst in pool:
             plan.stop(inst, f"stop {inst.id}: queue {snap.name} is not configured")
-        return
+        return None
     if not in_window(policy, plan.now):
         hours = ", ".join(str(w) for w in policy.windows)
         for inst in pool:
             plan.stop(inst, f"stop {inst.id}: queue {snap.name} outside allowed hours {hours} {policy.tz}")
-        return
+        return None
 
     needed = instances_needed(snap, policy)
     have = len(pool)
@@ -431,7 +498,8 @@ def _scale_queue(
     if have > needed:
         _scale_in(plan, snap, policy, pool, needed, status, rank)
     elif needed > have:
-        _rent(plan, snap, policy, live, offers, avoided, needed - have, status, rank)
+        return _Want(snap, policy, have, needed - have, status, rank)
+    return None
 
 
 def instances_needed(snap: QueueSnapshot, policy: QueuePolicy) -> int:
@@ -492,53 +560,149 @@ def _scale_in(
         plan.destroy(worst, f"destroy {worst.id}: {why}", release_jobs=False)
 
 
-def _rent(
+def _rent_fairly(
+    plan: _Plan, wants: list[_Want], live: list[InstanceView], offers: list[Offer], avoided: frozenset[str]
+) -> None:
+    """Rent for every queue that needs more, sharing the caps: one rent per queue per round, the queue
+    with the fewest instances first (then the longest wait), until no queue can rent more. Then a queue
+    with work still left with nothing gets room made, or a Hold saying why."""
+    s, now = plan.settings, plan.now
+    in_use = {i.machine_id for i in live if i.machine_id} | plan.avoided | set(avoided)
+    taken: set[str] = set()
+    active = []
+    for w in wants:
+        closes = window_closes_at(w.policy, now)
+        if closes is not None and _seconds(now, closes) < s.min_window_left_s:
+            w.blocked = f"its allowed hours close in {_duration(_seconds(now, closes))}"
+        else:
+            active.append(w)
+    while active:
+        active.sort(key=lambda w: (w.have + w.got, -w.snap.oldest_wait_s, w.snap.name))
+        for w in list(active):
+            offer = _pick(plan, w, offers, in_use, taken)
+            if offer is None:
+                active.remove(w)
+                continue
+            est = w.rank.cost_per_job(offer.gpu_name, offer.dph)
+            per_job = f"${est:.4f}/job" if w.rank.known(offer.gpu_name) else "untried GPU"
+            reason = (
+                f"rent offer {offer.offer_id} ({offer.gpu_name}) at ${offer.dph:.2f}/h for queue "
+                f"{w.snap.name}: {w.status}; {per_job}"
+            )
+            plan.actions.append(Rent(w.snap.name, offer, reason))
+            plan.bills(f"rent:{offer.offer_id}", offer.dph, plan.queue_end(w.snap.name))
+            taken.add(offer.offer_id)
+            if offer.machine_id:
+                in_use.add(offer.machine_id)
+            w.got += 1
+            if w.got >= w.count:
+                active.remove(w)
+    # A queue with work that got nothing says why (a log that said "nothing to do" while a queue waited
+    # was no help); one with no instance at all first gets room made when the caps are what stops it.
+    waiting = [w for w in wants if w.got == 0 and w.snap.queued > 0]
+    waiting.sort(key=lambda w: (w.have > 0, -w.snap.oldest_wait_s, w.snap.name))
+    for w in waiting:
+        why = w.blocked or "no offer"
+        if w.have == 0 and w.by_money:
+            room = _make_room(plan, w, live, offers, in_use, taken)
+            if room is not None:
+                why = f"{why}; making room: {room}"
+        gets = "no instance" if w.have == 0 else "no more instances"
+        plan.actions.append(Hold(w.snap.name, f"queue {w.snap.name} gets {gets}: {w.status}; {why}"))
+
+
+def _usable(w: _Want, offers: list[Offer], in_use: set[str], taken: set[str]) -> list[Offer]:
+    """The queue's offers it may rent now, cheapest per job first."""
+    found = [
+        o
+        for o in offers
+        if offer_matches(o, w.policy.offer_filter)
+        and o.offer_id not in taken
+        and not (o.machine_id and o.machine_id in in_use)
+    ]
+    found.sort(
+        key=lambda o: (w.rank.cost_per_job(o.gpu_name, o.dph), o.dph, -(o.reliability or 0), o.offer_id)
+    )
+    return found
+
+
+def _pick(plan: _Plan, w: _Want, offers: list[Offer], in_use: set[str], taken: set[str]) -> Offer | None:
+    """The queue's best offer that fits the caps; None (and w.blocked says why) when there is none."""
+    usable = _usable(w, offers, in_use, taken)
+    if not usable:
+        matching = any(offer_matches(o, w.policy.offer_filter) for o in offers)
+        w.blocked = (
+            "every matching offer is taken, or on a machine in use or avoided"
+            if matching
+            else "no offer matches its filter"
+        )
+        return None
+    until = plan.queue_end(w.snap.name)
+    for offer in usable:
+        if plan.fits(offer.dph, until) is None:
+            return offer
+    cheapest = min(usable, key=lambda o: o.dph)
+    refusal = plan.fits(cheapest.dph, until)
+    w.blocked = f"its cheapest offer, {cheapest.offer_id} at ${cheapest.dph:.2f}/h, is over the {refusal}"
+    w.by_money = True
+    return None
+
+
+def _make_room(
     plan: _Plan,
-    snap: QueueSnapshot,
-    policy: QueuePolicy,
+    w: _Want,
     live: list[InstanceView],
     offers: list[Offer],
-    avoided: frozenset[str],
-    count: int,
-    status: str,
-    rank: _Ranker,
-) -> None:
-    s, now = plan.settings, plan.now
-    closes = window_closes_at(policy, now)
-    if closes is not None and _seconds(now, closes) < s.min_window_left_s:
-        return
-    rented = [a.offer for a in plan.actions if isinstance(a, Rent)]  # by other queues this tick
-    in_use = {i.machine_id for i in live if i.machine_id} | plan.avoided | set(avoided)
-    in_use |= {o.machine_id for o in rented if o.machine_id}
-    taken = {o.offer_id for o in rented}
-    until = plan.queue_end(snap.name)
-    candidates = [o for o in offers if offer_matches(o, policy.offer_filter)]
-    candidates.sort(
-        key=lambda o: (rank.cost_per_job(o.gpu_name, o.dph), o.dph, -(o.reliability or 0), o.offer_id)
-    )
-    for offer in candidates:
-        if count == 0:
-            return
-        if offer.offer_id in taken or (offer.machine_id and offer.machine_id in in_use):
+    in_use: set[str],
+    taken: set[str],
+) -> str | None:
+    """Stop instances of the queues that have the most (each keeps one) when that lets this queue's
+    cheapest offer fit the caps: one by one from the biggest queue, idle ones first, then booting, then
+    busy (drained). Stops nothing unless the rent then fits. Answers what was stopped, or None."""
+    usable = _usable(w, offers, in_use, taken)
+    if not usable:
+        return None
+    offer = min(usable, key=lambda o: o.dph)
+    s = plan.settings
+    pools: dict[str, list[InstanceView]] = {}
+    for inst in live:
+        if inst.id in plan.acted or inst.queue == w.snap.name:
             continue
-        if plan.total_dph() + offer.dph > s.max_total_dph:
-            continue
-        key = f"rent:{offer.offer_id}"
-        plan.bills(key, offer.dph, until)
-        if plan.projected_spend() > s.daily_budget:
-            del plan.billing[key]
-            continue
-        est = rank.cost_per_job(offer.gpu_name, offer.dph)
-        per_job = f"${est:.4f}/job" if rank.known(offer.gpu_name) else "untried GPU"
-        reason = (
-            f"rent offer {offer.offer_id} ({offer.gpu_name}) at ${offer.dph:.2f}/h for queue {snap.name}: "
-            f"{status}; {per_job}"
+        if inst.state in _STARTING or inst.state in (InstanceState.IDLE, InstanceState.BUSY):
+            pools.setdefault(inst.queue, []).append(inst)
+    order = {InstanceState.IDLE: 0, InstanceState.REQUESTED: 1, InstanceState.BOOTING: 1}
+    for pool in pools.values():
+        pool.sort(key=lambda i: (2 if i.busy else order.get(i.state, 2), -i.dph, i.id), reverse=True)
+    chosen: list[InstanceView] = []
+    saved = dict(plan.billing)
+    dph = plan.total_dph(stopping=False)
+    until = plan.queue_end(w.snap.name)
+    fits = False
+    while True:
+        donors = [q for q in pools if len(pools[q]) >= 2]
+        if not donors:
+            break
+        donor = max(donors, key=lambda q: (len(pools[q]), q))
+        inst = pools[donor].pop()  # the cheapest to lose: sorted last
+        chosen.append(inst)
+        dph -= inst.dph
+        # it bills until destroyed, or drained
+        stops = plan.now + timedelta(seconds=s.billing_lag_s + (s.drain_timeout_s if inst.busy else 0.0))
+        plan.bills(inst.id, inst.dph, min(stops, plan.billing[inst.id][1]))
+        plan.bills("rent:?", offer.dph, until)
+        fits = dph + offer.dph <= s.max_total_dph and plan.projected_spend() <= s.daily_budget
+        del plan.billing["rent:?"]
+        if fits:
+            break
+    plan.billing = saved
+    if not fits:
+        return None
+    for inst in chosen:
+        plan.stop(
+            inst,
+            f"stop {inst.id} of queue {inst.queue} to share the caps with queue {w.snap.name} ({w.status})",
         )
-        plan.actions.append(Rent(snap.name, offer, reason))
-        taken.add(offer.offer_id)
-        if offer.machine_id:
-            in_use.add(offer.machine_id)
-        count -= 1
+    return "stopping " + ", ".join(f"{i.id} of queue {i.queue}" for i in chosen)
 
 
 class _Ranker:
@@ -574,6 +738,8 @@ def offer_matches(offer: Offer, f: OfferFilter) -> bool:
     """The filter, checked again here: an unknown value fails any requirement on it."""
     if f.provider is not None and offer.provider != f.provider:
         return False  # offers from every provider arrive in one list
+    if not is_price(offer.dph):
+        return False  # no price the caps can compare: never rented (NaN passes every cap)
     if f.gpu_names and _gpu_key(offer.gpu_name) not in {_gpu_key(g) for g in f.gpu_names}:
         return False
     if offer.vram_mb < f.min_vram_mb or offer.interruptible != f.interruptible:
@@ -656,6 +822,21 @@ def budget_day_start(now: datetime, tz_name: str) -> datetime:
 @lru_cache(maxsize=64)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
+
+
+def _over(amount: float, budget: float) -> str:
+    """ "$0.1234 > $0.1200": cents alone would print a small budget's overrun as "$0.12 > $0.12"."""
+    places = 2 if budget >= 10 else 4
+    return f"${amount:.{places}f} > ${budget:.{places}f}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a log reads them: "90 s", "20 min", "2.5 min"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    whole = abs(minutes - round(minutes)) < 0.05 or minutes >= 20
+    return f"{minutes:.0f} min" if whole else f"{minutes:.1f} min"
 
 
 def _idle_seconds(inst: InstanceView, now: datetime) -> float:

@@ -4,8 +4,13 @@ Each tick, before deciding, for each provider: list every instance carrying our 
 - listed, unknown to the database or ended there (terminated, lost): an orphan. It is recorded
   (adopt_orphan, so its cost is on the books) and destroyed;
 - listed as stopped (an outbid interruptible instance: storage still bills, its processes are dead) or
-  dead (exited, OCI error): marked failed (its jobs go back to the queue) and destroyed;
-- listed while the row is still `requested`: booting; a $/h different from ours: a price change;
+  dead (exited, OCI error): marked failed (its jobs go back to the queue) and destroyed, and its machine
+  avoided (a dead one for a week, an outbid one for OUTBID_AVOID: renting it again at the minimum bid
+  would be outbid again);
+- listed while the row is still `requested`: booting; a $/h different from ours: a price change, and when
+  it bills more than it was rented at, the machine is marked up by the difference (its offers are priced
+  at what it bills from then on, so the caps do not shed it and the next tick rent it again);
+- every live row listed: its billing state (loading, running, stopped) for the books (see 0007);
 - a live row the listing lacks: lost, its jobs released.
 A failed listing changes nothing: an API outage must not mark the fleet lost.
 
@@ -31,6 +36,14 @@ log = logging.getLogger("gpuq.manager")
 # A rent is recorded right after the provider answers; a listing may lag behind that a little.
 NEW_ROW_GRACE_S = 60.0
 DESTROY_ATTEMPTS = 3
+OUTBID_AVOID = "1 hour"  # an outbid instance's machine is avoided this long (a dead one's for a week)
+MARKUP_MIN_DPH = 0.001  # a listing above the booked price by less is rounding, not a markup
+BILLING_STATE = {
+    ProviderStatus.PROVISIONING: "loading",
+    ProviderStatus.RUNNING: "active",
+    ProviderStatus.STOPPED: "stopped",
+    ProviderStatus.DEAD: "stopped",
+}
 
 
 @dataclass
@@ -40,6 +53,8 @@ class ReconcileReport:
     failed: list[int] = field(default_factory=list)  # stopped (outbid) or dead at the provider
     booting: list[int] = field(default_factory=list)
     price_changes: list[int] = field(default_factory=list)
+    avoided: list[str] = field(default_factory=list)  # machines of dead or outbid instances
+    markups: dict[str, float] = field(default_factory=dict)  # machine -> $/h it bills above its offers
     unverified: list[str] = field(default_factory=list)  # destroys the provider still lists
     errors: list[str] = field(default_factory=list)
     other_dph: float = 0.0  # billing outside the live rows (orphans we could not destroy)
@@ -75,6 +90,44 @@ def destroy_verified(
             return set(), pending  # unverified: treated as still billing
         pending &= listed
     return asked - pending, pending
+
+
+def _mark_up(
+    client: Client,
+    provider: str,
+    machine: str,
+    row: DbInstance,
+    listed: float,
+    markups: dict[str, float],
+    report: ReconcileReport,
+    dry_run: bool,
+) -> None:
+    """The machine bills more than its offer said: price its offers that much higher from now on.
+
+    Measured against the price it was rented at (its offer's, plus the machine's markup then, most likely
+    the one in force now), not the row's price, which follows the listings: a listing that dipped (a state
+    Vast prices differently) and came back must not read as a markup."""
+    rented = client.call("select gpuq.rented_dph(%s) as dph", (row.id,))[0]["dph"]
+    rented = row.dph if rented is None else float(rented)
+    if listed - rented <= MARKUP_MIN_DPH:
+        return
+    markup = round(listed - rented + markups.get(machine, 0.0), 6)
+    verb = "would " if dry_run else ""
+    report.say(
+        f"{verb}price machine {machine}'s offers ${markup:.4f}/h higher: instance {row.id} on it bills "
+        f"${listed:.4f}/h, rented at ${rented:.4f}/h"
+    )
+    report.markups[machine] = markup
+    if not dry_run:
+        client.call(
+            "select gpuq.record_machine_markup(%s, %s, %s::numeric, %s)",
+            (
+                provider,
+                machine,
+                markup,
+                f"instance {row.id} bills ${listed:.4f}/h, rented at ${rented:.4f}/h",
+            ),
+        )
 
 
 def reconcile(
@@ -119,6 +172,10 @@ def _reconcile_provider(
     known = {
         r["provider_instance_id"]: r for r in client.call("select * from gpuq.manager_known(%s)", (name,))
     }
+    markups = {
+        r["machine_id"]: float(r["markup_dph"])
+        for r in client.call("select * from gpuq.machine_markups() where provider = %s", (name,))
+    }
     # provider id -> (instance row id or None, reason, $/h, is a live row)
     doomed: dict[str, tuple[int | None, str, float, bool]] = {}
     shown = {p.provider_id for p in listed if p.status != ProviderStatus.GONE}
@@ -140,6 +197,11 @@ def _reconcile_provider(
                 )[0]["id"]
                 doomed[p.provider_id] = (int(adopted), reason, p.dph or 0.0, True)
             continue
+        if not dry_run:
+            client.call(
+                "select gpuq.record_billing_state(%s, %s, %s::numeric, %s)",
+                (row.id, BILLING_STATE[p.status], p.storage_dph, f"{name}: {p.raw_status}"),
+            )
         if p.status in (ProviderStatus.STOPPED, ProviderStatus.DEAD):
             if p.status == ProviderStatus.STOPPED:
                 reason = f"stopped at {name} ({p.raw_status}): outbid or stopped; storage still bills"
@@ -149,8 +211,18 @@ def _reconcile_provider(
                 f"{verb}destroy instance {row.id} ({name} {p.provider_id}): {reason}; releasing its jobs"
             )
             report.failed.append(row.id)
+            machine = p.machine_id or row.view.machine_id
             if not dry_run:
                 client.call("select gpuq.mark_failed(%s, %s)", (row.id, reason))
+                if machine:
+                    # Its next instance would end the same way: an exited machine was rented 10 times.
+                    avoid_for = OUTBID_AVOID if p.status == ProviderStatus.STOPPED else "7 days"
+                    client.call(
+                        "select gpuq.avoid_machine(%s, %s, %s, %s::interval)",
+                        (name, machine, f"instance {row.id} on it: {reason}", avoid_for),
+                    )
+            if machine:
+                report.avoided.append(machine)
             doomed[p.provider_id] = (row.id, reason, row.dph, True)
             continue
         if row.status == InstanceState.REQUESTED:
@@ -167,6 +239,9 @@ def _reconcile_provider(
                 client.call(
                     "select gpuq.record_price_change(%s, %s::numeric, %s)", (row.id, p.dph, f"{name} listing")
                 )
+            machine = p.machine_id or row.view.machine_id
+            if machine and p.dph - row.dph > MARKUP_MIN_DPH:
+                _mark_up(client, name, machine, row, p.dph, markups, report, dry_run)
 
     for pid, row in live.items():
         if pid in shown:

@@ -17,15 +17,17 @@ from datetime import datetime
 from typing import Literal
 
 from gpuq.client import Client, new_secret, secret_hash
-from gpuq.db import Connection, connect
+from gpuq.db import Connection, connect, deadline_of
 from manager.bootstrap import launch_spec
 from manager.config import ManagerSettings
+from manager.credentials import StorageCredentials
 from manager.metrics import Metrics
 from manager.policy import (
     Action,
     AvoidMachine,
     Destroy,
     Drain,
+    Hold,
     InstanceState,
     QueueSnapshot,
     Rent,
@@ -40,6 +42,7 @@ from manager.state import DbInstance, Snapshot, managed_instances, read_snapshot
 log = logging.getLogger("gpuq.manager")
 
 TICK_LOCK = 0x67707572  # one manager tick at a time, per database ("gpur")
+REFUSED_OFFER_AVOID = "1 hour"  # a machine whose offer a create refused (gone, stale minimum bid)
 _POOL = (InstanceState.REQUESTED, InstanceState.BOOTING, InstanceState.IDLE, InstanceState.BUSY)
 
 
@@ -62,6 +65,11 @@ class Manager:
     providers: Mapping[str, Provider]
     metrics: Metrics = field(default_factory=Metrics)
     echo: Callable[[str], None] = print  # where a dry run's plan goes
+    credentials: StorageCredentials | None = None  # None: from the settings and environment
+
+    def __post_init__(self) -> None:
+        if self.credentials is None:  # checked here, at start: a bad setting stops the manager
+            self.credentials = StorageCredentials.from_settings(self.settings)
 
 
 def tick(m: Manager, *, dry_run: bool = False, now: datetime | None = None) -> TickResult:
@@ -93,7 +101,7 @@ def _tick_lock(client: Client) -> Connection | Literal[False]:
     when another tick holds it. A session lock on the client's connection would not do through a
     transaction pooler: each call may run on another server session, so the lock was taken on one and
     another manager's tick, handed that same session, took it again."""
-    conn = connect(client.url, client.settings, autocommit=False)
+    conn = connect(client.url, client.settings, autocommit=False, timeout_s=deadline_of(client.conn))
     try:
         # The transaction sits idle for the whole tick: a server-wide idle timeout must not end it.
         conn.execute("set local idle_in_transaction_session_timeout = 0")
@@ -110,10 +118,12 @@ def _tick_lock(client: Client) -> Connection | Literal[False]:
 def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -> None:
     s = m.settings
     prefix = "[dry-run] " if dry_run else ""
-    if not dry_run:
-        m.client.reap_expired()  # expired leases back in the queue first, so depth is right
+    # Reconcile first: the jobs of an instance that died are released (no attempt used up) before their
+    # leases can expire; then expired leases go back in the queue, so depth is right.
     rec = reconcile(m.client, m.providers, s.label_prefix, dry_run=dry_run)
     result.reconcile = rec
+    if not dry_run:
+        m.client.reap_expired()
     for err in rec.errors:
         m.metrics.provider_errors.labels(err.split(":", 1)[0]).inc()
     if dry_run:
@@ -125,7 +135,14 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
         now = m.client.call("select now() as t")[0]["t"]
     offers = _offers(m, snap, now, result)
     actions = decide(
-        snap.queues, snap.views, offers, s.policy, now, spend=snap.spend, avoided_machines=snap.avoided
+        snap.queues,
+        snap.views,
+        offers,
+        s.policy,
+        now,
+        spend=snap.spend,
+        avoided_machines=snap.avoided,
+        price_markups=_markups(m.client),
     )
     result.actions = actions
     by_id = {str(i.id): i for i in snap.instances}
@@ -135,6 +152,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
         if dry_run:
             _say(m, result, prefix + _reason(action), echo=True)
             continue
+        rented = len(result.rented)
         try:
             _act(m, action, by_id, result)
         except ProviderError as e:
@@ -142,6 +160,13 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
             m.metrics.provider_errors.labels(provider).inc()
             result.errors.append(f"{_reason(action)}: {e}")
             log.warning("%s failed: %s", _reason(action), e)
+            if isinstance(action, Rent) and e.offer_refused:
+                _avoid_refused(m, action, e, result)
+        else:
+            if isinstance(action, Rent) and len(result.rented) > rented:
+                _record_storage(m, action.offer, result.rented[-1])
+    if not dry_run:
+        _renew_credentials(m, result)
     if not actions:
         queues = (
             ", ".join(f"{q.name}: {q.queued} queued, {q.running} running" for q in snap.queues) or "no jobs"
@@ -169,6 +194,39 @@ def _offers(m: Manager, snap: Snapshot, now: datetime, result: TickResult) -> li
             continue
         offers += [o for o in found if o not in offers]
     return offers
+
+
+def _markups(client: Client) -> dict[str, float]:
+    """Machine -> $/h it bills above its offers (gpuq.machine_markups(), from listings that contradicted
+    a rent's price); the dearest where two providers share a machine id."""
+    markups: dict[str, float] = {}
+    for r in client.call("select machine_id, markup_dph from gpuq.machine_markups()"):
+        markups[r["machine_id"]] = max(markups.get(r["machine_id"], 0.0), float(r["markup_dph"]))
+    return markups
+
+
+def _avoid_refused(m: Manager, action: Rent, e: ProviderError, result: TickResult) -> None:
+    """An offer the provider refused (gone, a minimum bid the search did not tell) would be offered and
+    refused again after every search refresh: leave its machine alone a while."""
+    machine = action.offer.machine_id
+    if not machine:
+        return
+    reason = f"offer {action.offer.offer_id} refused: {e}"
+    m.client.call(
+        "select gpuq.avoid_machine(%s, %s, %s, %s::interval)",
+        (action.offer.provider, machine, reason, REFUSED_OFFER_AVOID),
+    )
+    _say(m, result, f"avoid machine {machine} for {REFUSED_OFFER_AVOID}: {reason}")
+
+
+def _record_storage(m: Manager, offer: Offer, rented: str) -> None:
+    """What the new instance bills while not running (loading, stopped), for the books (0007)."""
+    if offer.storage_dph is None:
+        return
+    provider, provider_id = rented.split(":", 1)
+    m.client.call(
+        "select gpuq.record_storage_dph(%s, %s, %s::numeric)", (provider, provider_id, offer.storage_dph)
+    )
 
 
 def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickResult) -> None:
@@ -239,8 +297,24 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         _say(m, result, action.reason)
     elif isinstance(action, AvoidMachine):
         provider = next((i.provider for i in by_id.values() if i.view.machine_id == action.machine_id), "any")
-        client.call("select gpuq.avoid_machine(%s, %s, %s)", (provider, action.machine_id, action.reason))
+        if action.for_s is None:
+            client.call("select gpuq.avoid_machine(%s, %s, %s)", (provider, action.machine_id, action.reason))
+        else:
+            client.call(
+                "select gpuq.avoid_machine(%s, %s, %s, make_interval(secs => %s))",
+                (provider, action.machine_id, action.reason, action.for_s),
+            )
         _say(m, result, f"avoid machine {action.machine_id}: {action.reason}")
+    elif isinstance(action, Hold):
+        _say(m, result, action.reason)
+
+
+def _renew_credentials(m: Manager, result: TickResult) -> None:
+    """Each live instance's own storage credentials, issued or renewed before they expire; those rented
+    this tick included, those destroyed excluded (manager/credentials.py)."""
+    assert m.credentials is not None
+    _, errors = m.credentials.renew(m.client)
+    result.errors += errors
 
 
 def _reason(action: Action) -> str:

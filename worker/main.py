@@ -1,7 +1,7 @@
 """The worker: claim jobs, run them on a backend, store their outputs, report, drain.
 
-Threads, each with its own database connection (psycopg connections are not thread-safe):
-  main       the claim loop: LISTEN gpuq_jobs with a polling fallback, claims up to the free slots
+Threads, sharing one database connection (Db):
+  main       the claim loop: waits for a gpuq_jobs NOTIFY (or polls), claims up to the free slots
   slot-N     one per slot (GPUQ_CONCURRENCY per backend): runs one job at a time
   heartbeat  extends leases, reports machine metrics, applies the reply (cancel, timeout, lost, drain)
   spot       (EC2) watches for the interruption notice and starts the drain
@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -48,8 +49,8 @@ from gpuq.client import (
     Held,
     InstanceClient,
     InvalidRequest,
+    IssuedCredentials,
     Job,
-    Listener,
     NotAuthorized,
     NotHeld,
     Registration,
@@ -86,31 +87,76 @@ def _key(secret: str) -> str:
 
 
 class Db:
-    """One thread's connection, acting as this worker's instance (the secret is read at each call: it
-    changes once, at registration), reconnected when the connection drops (a restart, a network blip)."""
+    """The worker's one connection to Postgres, shared by all its threads (psycopg serialises their calls),
+    acting as this worker's instance (the secret is read at each call: it changes once, at registration).
+    It LISTENs for new jobs on the same connection (not through a transaction pooler, which cannot; there
+    the worker polls), and is reconnected when it drops (a restart, a network blip). One connection per
+    worker is what lets a fleet of hundreds fit a small Postgres (or a pooler's few server connections)."""
 
     def __init__(self, url: str, settings: Settings, secret: Callable[[], str]) -> None:
         self.url = url
         self.settings = settings
         self.secret = secret
-        self.client = Client.connect(url, settings)
+        self._reconnecting = threading.Lock()
+        self.client = self._connect()
+
+    @property
+    def listens(self) -> bool:
+        return not self.settings.transaction_pooler
+
+    def _connect(self) -> Client:
+        client = Client.connect(self.url, self.settings, application_name="gpuq worker")
+        if self.listens:
+            client.conn.execute(f"listen {JOBS_CHANNEL}")
+        return client
 
     def call(self, fn: Callable[[InstanceClient], T]) -> T:
         for attempt in range(DB_RETRIES):
+            client = self.client
             try:
-                return fn(self.client.as_instance(self.secret()))
+                return fn(client.as_instance(self.secret()))
             except psycopg.OperationalError as exc:
                 if attempt == DB_RETRIES - 1:
                     raise
                 log.warning("database connection lost (%s); reconnecting", exc)
                 time.sleep(0.5 * (attempt + 1))
-                with contextlib.suppress(Exception):
-                    self.client.close()
-                try:
-                    self.client = Client.connect(self.url, self.settings)
-                except psycopg.OperationalError as again:
-                    log.warning("reconnect failed: %s", again)
+                self._reconnect(client)
         raise AssertionError("unreachable")
+
+    def _reconnect(self, broken: Client) -> None:
+        """A new connection in place of `broken`, unless another thread has made one already."""
+        with self._reconnecting:
+            if self.client is not broken:
+                return
+            with contextlib.suppress(Exception):
+                broken.close()
+            try:
+                self.client = self._connect()
+            except psycopg.OperationalError as again:
+                log.warning("reconnect failed: %s", again)
+
+    def wait_for_jobs(self, timeout: float) -> bool:
+        """Until a new-jobs notification (True) or `timeout` (False). The connection is held only to read
+        what has arrived, never while waiting: the other threads' calls go through meanwhile."""
+        if not self.listens:
+            time.sleep(timeout)
+            return False
+        deadline = time.monotonic() + timeout
+        client = self.client
+        try:
+            while True:
+                # notifications read by another thread's call wait in psycopg's backlog: this yields them
+                if any(n.channel == JOBS_CHANNEL for n in client.conn.notifies(timeout=0)):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                select.select([client.conn.fileno()], [], [], min(left, 0.25))
+        except (psycopg.OperationalError, OSError, ValueError) as exc:  # closed or broken meanwhile
+            log.warning("waiting for jobs: %s; reconnecting", exc)
+            time.sleep(min(timeout, 0.5))
+            self._reconnect(client)
+            return False
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -151,6 +197,7 @@ class Worker:
         self.gpu_count = len(gpus) or None
         self.vram_mb = min(g.memory_total_mb for g in gpus) if gpus else None
         self.instance_id: int | None = None
+        self.db: Db  # set by run()
         self.secret = config.instance_secret  # replaced at registration (worker/identity.py)
         self.registration: Registration | None = None
         self.lease_seconds = settings.lease_seconds  # within the database's bounds once registered
@@ -211,13 +258,13 @@ class Worker:
             log.info("starting backend %s", name)
             self.backends[name].start()
 
-        main_db = Db(self.url, self.settings, lambda: self.secret)
-        hb_db = Db(self.url, self.settings, lambda: self.secret)
-        listener = Listener(self.url, self.settings, [JOBS_CHANNEL])
+        db = Db(self.url, self.settings, lambda: self.secret)  # the one connection: every thread's calls
+        self.db = db
         spot: SpotWatcher | None = None
         finished = False  # drained on purpose: leave for good (deregister)
         try:
-            self._register(main_db)
+            self._register(db)
+            self.storage.use_instance_credentials(self._storage_credentials)
             if self.config.metrics_port:
                 self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
             for backend in self.config.backends:
@@ -228,9 +275,7 @@ class Worker:
                     )
                     t.start()
                     self._threads.append(t)
-            hb = threading.Thread(
-                target=self._heartbeat_loop, args=(hb_db,), name="gpuq-heartbeat", daemon=True
-            )
+            hb = threading.Thread(target=self._heartbeat_loop, args=(db,), name="gpuq-heartbeat", daemon=True)
             hb.start()
             if self.config.spot_watch:
                 spot = SpotWatcher(
@@ -239,9 +284,8 @@ class Worker:
                     self.config.spot_poll_seconds,
                 )
                 spot.start()
-            listener.start()
-            self._claim_loop(main_db, listener)
-            self._finish(main_db)
+            self._claim_loop(db)
+            self._finish(db)
             self._hb_stop.set()
             hb.join(5)
             finished = True
@@ -249,23 +293,21 @@ class Worker:
             self._hb_stop.set()
             if spot is not None:
                 spot.stop()
-            listener.close()
             for inbox in self._inboxes.values():
                 for _ in range(self.config.max_concurrency):
                     inbox.put(None)
             if finished and self.instance_id is not None and not self._shutdown:
                 # Leaving for good. (After a crash the instance stays: a restarted worker takes it up again,
                 # and the jobs the crashed one held go back to the queue when it registers.)
-                self._flush_outbox(main_db)
+                self._flush_outbox(db)
                 try:
-                    n = main_db.call(lambda c: c.deregister(self._drain_reason or "worker exited"))
+                    n = db.call(lambda c: c.deregister(self._drain_reason or "worker exited"))
                     if n:
                         log.info("deregistered; %d job(s) handed back", n)
                     self._forget_instance()
                 except Exception as exc:
                     log.error("deregister failed: %s (the manager's reconciliation will catch up)", exc)
-            main_db.close()
-            hb_db.close()
+            db.close()
             for b in self.backends.values():
                 try:
                     b.close()
@@ -376,6 +418,11 @@ class Worker:
         with contextlib.suppress(OSError):
             self.outbox.directory.rmdir()  # only when empty: an undelivered outcome stays
 
+    def _storage_credentials(self, kind: str) -> IssuedCredentials | None:
+        """This instance's own storage credentials, which the storage asks for only when those it holds
+        near expiry (worker/storage/credentials.py), on the worker's one connection."""
+        return self.db.call(lambda c: c.credentials(kind))
+
     def _enroll_self(self, db: Db) -> None:
         try:
             _, self.secret = db.client.enroll(
@@ -394,7 +441,7 @@ class Worker:
 
     # -- claiming ---------------------------------------------------------------------------------
 
-    def _claim_loop(self, db: Db, listener: Listener) -> None:
+    def _claim_loop(self, db: Db) -> None:
         assert self.instance_id is not None
         while not self._drain.is_set():
             claimed = 0
@@ -429,17 +476,17 @@ class Worker:
             if claimed and not free_any:
                 continue  # every slot asked for got a job: there may be more, and no slot is free anyway
             if free_any and not claimed:
-                self._wait_for_work(listener)
+                self._wait_for_work(db)
             elif not free_any:
                 self._wake.wait(self.settings.poll_seconds)  # all slots busy: wait for one to free up
                 self._wake.clear()
 
-    def _wait_for_work(self, listener: Listener) -> None:
+    def _wait_for_work(self, db: Db) -> None:
         """Until a NOTIFY, the poll interval, or a drain: in short waits, so a signal is seen quickly."""
         deadline = time.monotonic() + self.settings.poll_seconds
         while not self._drain.is_set():
             left = deadline - time.monotonic()
-            if left <= 0 or listener.wait(min(left, 0.25)):
+            if left <= 0 or db.wait_for_jobs(min(left, 0.25)):
                 return
 
     def _dispatch(self, job: Job, backend: str, claim_seconds: float) -> None:
@@ -503,31 +550,20 @@ class Worker:
     # -- running ----------------------------------------------------------------------------------
 
     def _slot(self, backend: str) -> None:
-        db: Db | None = None
         inbox = self._inboxes[backend]
-        try:
+        while (running := inbox.get()) is not None:
             try:
-                db = Db(self.url, self.settings, lambda: self.secret)  # now: the first job need not wait
-            except psycopg.OperationalError as exc:
-                log.warning("slot could not connect yet (%s); will retry at its first job", exc)
-            while (running := inbox.get()) is not None:
-                try:
-                    if db is None:
-                        db = Db(self.url, self.settings, lambda: self.secret)
-                    running.db = db
-                    self._run_job(db, running)
-                except Exception:
-                    log.exception("job %s: the slot failed outside the job", running.job.id)
-                finally:
-                    with self._lock:
-                        self._running.pop(running.job.id, None)
-                        self._busy[backend] -= 1
-                        self._last_active = time.monotonic()
-                        self.metrics.running.labels(backend).set(self._busy[backend])
-                    self._wake.set()
-        finally:
-            if db is not None:
-                db.close()
+                running.db = self.db
+                self._run_job(self.db, running)
+            except Exception:
+                log.exception("job %s: the slot failed outside the job", running.job.id)
+            finally:
+                with self._lock:
+                    self._running.pop(running.job.id, None)
+                    self._busy[backend] -= 1
+                    self._last_active = time.monotonic()
+                    self.metrics.running.labels(backend).set(self._busy[backend])
+                self._wake.set()
 
     def _run_job(self, db: Db, r: Running) -> None:
         job, ctx = r.job, r.ctx

@@ -37,6 +37,9 @@ class Offer:
     disk_gb: float | None = None
     cuda: float | None = None
     location: str | None = None
+    # $/hour the disk bills in every state (storage; in dph already): what a stopped or loading instance
+    # bills at a provider that charges the rest only while running. None: unknown, or billed as dph.
+    storage_dph: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,27 @@ class ProviderInstance:
     gpu_name: str | None = None
     started_at: datetime | None = None
     status_msg: str | None = None
+    storage_dph: float | None = None  # what it bills while not running (see Offer.storage_dph); None: unknown
 
 
 class ProviderError(Exception):
-    """A provider call failed. `retryable` when it may go through later (429, 5xx, offer taken)."""
+    """A provider call failed. `retryable` when it may go through later (429, 5xx, offer taken).
 
-    def __init__(self, message: str, *, retryable: bool = False, provider_id: str | None = None) -> None:
+    `offer_refused`: a create failed because of the offer itself (taken, gone, a minimum bid it no longer
+    honours), so retrying that offer would fail again: the caller should leave its machine alone a while."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        provider_id: str | None = None,
+        offer_refused: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.provider_id = provider_id  # set when a failed create still left an instance to destroy
+        self.offer_refused = offer_refused
 
 
 class Provider(Protocol):
@@ -114,6 +129,18 @@ def to_float(value: Any) -> float | None:
 
 # The dearest $/h the books hold (instances.dph is numeric(12, 6)).
 PRICE_MAX = 999_999.0
+
+
+def is_price(value: Any) -> bool:
+    """A $/h the caps and the books can use: a finite number, not negative, not above PRICE_MAX. An offer
+    priced otherwise must never be rented (the database refuses a negative price after the rent, and a
+    NaN passes every cap)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= PRICE_MAX
+    )
 
 
 def to_price(value: Any) -> float | None:

@@ -8,6 +8,20 @@ Facts this relies on, read from the vastai 1.9.1 source:
 - Every call ends in `raise_for_status()`, so 4xx/5xx surface as requests.HTTPError with the response.
 - The client retries 429/502/503/504 itself with 0.15 s, 0.225 s ... sleeps. We build it with retry=1
   (one attempt per call) and retry here instead, so every attempt passes our per-endpoint pacing.
+
+Prices. What each price field of a search answer means cannot be checked from here, and one reading of
+them booked bids far below their bill: storage was taken as `dph_total - dph_base`, and a bid search that
+answered `dph_total` at the minimum bid while `dph_base` kept the on-demand GPU price made it negative. So
+no price rests on one field:
+- storage ($/h, billed in every state) is `storage_cost` ($/GB per 30-day month, as the SDK's own
+  conversions count a month) x the disk searched for (at least the disk the launch asks for), checked
+  against the offer's own breakdown where there is one (`search.diskHour`, and for an on-demand search
+  `dph_total - dph_base`); a reading that is negative, not a number, or dearer than
+  STORAGE_MAX_USD_PER_GB_MONTH is ignored, and of the readings left the dearest is taken;
+- a bid rent is priced at the bid we send plus that storage; the bid is the minimum bid plus a margin,
+  never above the on-demand GPU price (`dph_base`), and an offer whose minimum bid is above it is skipped;
+- an on-demand rent is priced at the dearest of `dph_total`, `dph_base` + storage and `search.totalHour`.
+An offer that cannot be priced this way is skipped, never rented at a guess.
 """
 
 from __future__ import annotations
@@ -24,12 +38,14 @@ import requests
 from vastai import VastAI
 
 from manager.providers.base import (
+    PRICE_MAX,
     LaunchSpec,
     Offer,
     OfferFilter,
     ProviderError,
     ProviderInstance,
     ProviderStatus,
+    is_price,
     to_float,
     to_price,
 )
@@ -52,6 +68,12 @@ LABEL_MAX = 256
 ENV_VALUE_MAX = 256
 DEAD_ACTUAL = {"exited", "unknown", "offline"}
 OFFER_GONE_ERRORS = {"no_such_ask"}
+# A create refused for the price asked: the offer's minimum bid is not what the search said.
+BID_REFUSED_ERRORS = {"invalid_price", "bid_too_low", "price_too_low"}
+
+HOURS_PER_MONTH = 720.0  # storage_cost is $ per GB per 30-day month
+STORAGE_MAX_USD_PER_GB_MONTH = 5.0  # dearer storage is a misread field, not a price (hosts ask ~$0.05-0.50)
+REFUSED_OFFER_S = 1800.0  # an offer whose create was refused is not offered again for this long
 
 
 class RateLimiter:
@@ -115,6 +137,9 @@ class VastProvider:
         self._backoff_max_s = backoff_max_s
         self._runtype = runtype
         self._cache: dict[OfferFilter, tuple[float, list[Offer]]] = {}
+        self._refused: dict[str, float] = {}  # offer id -> until (clock): its create was refused
+        self._storage: dict[str, float] = {}  # instance id -> storage $/h, for those rented here
+        self._warned: set[str] = set()  # offer ids whose odd prices were logged already
 
     def __repr__(self) -> str:  # never the key
         return f"VastProvider(server_url={self._sdk.client.server_url!r})"
@@ -123,7 +148,7 @@ class VastProvider:
     def search_offers(self, filters: OfferFilter) -> list[Offer]:
         cached = self._cache.get(filters)
         if cached is not None and self._clock() - cached[0] < self._search_ttl_s:
-            return list(cached[1])
+            return [o for o in cached[1] if not self._is_refused(o.offer_id)]
         query = self._query(filters)
         rows = self._call(
             "search",
@@ -138,12 +163,27 @@ class VastProvider:
         )
         offers = []
         for row in rows or []:
-            offer = self._offer(row, filters.interruptible)
+            offer = self._offer(row, filters.interruptible, filters.min_disk_gb)
             if offer is not None and self._keep(offer, filters):
                 offers.append(offer)
         offers.sort(key=lambda o: o.dph)
         self._cache[filters] = (self._clock(), offers)
-        return list(offers)
+        # A refused offer stays out across search refreshes: the index may list it again, and Vast would
+        # refuse it again (taken, or a minimum bid the search no longer tells).
+        return [o for o in offers if not self._is_refused(o.offer_id)]
+
+    def _is_refused(self, offer_id: str) -> bool:
+        until = self._refused.get(offer_id)
+        if until is None:
+            return False
+        if self._clock() >= until:
+            del self._refused[offer_id]
+            return False
+        return True
+
+    def _refuse(self, offer_id: str) -> None:
+        self._refused[offer_id] = self._clock() + REFUSED_OFFER_S
+        self._forget_offer(offer_id)
 
     def _query(self, f: OfferFilter) -> dict[str, Any]:
         q: dict[str, Any] = {
@@ -171,26 +211,26 @@ class VastProvider:
             q["geolocation"] = {"in": list(f.locations)}
         return q
 
-    def _offer(self, row: dict[str, Any], interruptible: bool) -> Offer | None:
+    def _offer(self, row: dict[str, Any], interruptible: bool, disk_gb: float) -> Offer | None:
+        """One search row as an Offer priced as it would bill (see the module's notes), or None."""
         try:
-            on_demand = _offer_price(row["dph_total"])  # priced for allocated_storage: GPU + storage
-            min_bid = _offer_price(row["min_bid"]) if row.get("min_bid") is not None else None
-            # storage bills on top of a bid, in every state; money caps must see it
-            storage = on_demand - _offer_price(row["dph_base"]) if row.get("dph_base") is not None else 0.0
-            bid = None
+            offer_id = str(row["id"])
+            storage = self._storage_dph(row, disk_gb, interruptible)
             if interruptible:
-                if min_bid is None:
+                priced = self._bid_price(row, storage)
+                if priced is None:
                     return None
-                # Bid a little over the minimum so the first higher bid does not stop us at once,
-                # and never more than on-demand would cost.
-                bid = round(min(min_bid * (1 + self._bid_margin), on_demand - storage), 4)
-                dph = round(bid + storage, 4)
+                bid, dph = priced
+                min_bid = to_float(row.get("min_bid"))
             else:
-                dph = on_demand
+                bid, min_bid = None, None
+                dph = self._on_demand_price(row, storage)
+                if dph is None:
+                    return None
             verification = row.get("verification")
             return Offer(
                 provider=self.name,
-                offer_id=str(row["id"]),
+                offer_id=offer_id,
                 gpu_name=str(row.get("gpu_name") or ""),
                 num_gpus=int(row.get("num_gpus") or 1),
                 vram_mb=int(row.get("gpu_ram") or 0),
@@ -205,10 +245,72 @@ class VastProvider:
                 disk_gb=to_float(row.get("disk_space")),
                 cuda=to_float(row.get("cuda_max_good")),
                 location=_country(row.get("geolocation")),
+                storage_dph=storage,
             )
         except (KeyError, TypeError, ValueError):
             log.warning("vast: skipping an offer with an unexpected shape (id %s)", row.get("id"))
             return None
+
+    def _storage_dph(self, row: dict[str, Any], disk_gb: float, interruptible: bool) -> float | None:
+        """What the disk bills per hour, from every reading the row offers (see the module's notes);
+        None when no reading is believable."""
+        readings: dict[str, float | None] = {}
+        cost = to_float(row.get("storage_cost"))
+        readings["storage_cost"] = None if cost is None else cost * disk_gb / HOURS_PER_MONTH
+        breakdown = row.get("search")
+        if isinstance(breakdown, dict):
+            readings["search.diskHour"] = to_float(breakdown.get("diskHour"))
+        if not interruptible and row.get("dph_base") is not None:
+            total, base = to_float(row.get("dph_total")), to_float(row.get("dph_base"))
+            readings["dph_total - dph_base"] = None if total is None or base is None else total - base
+        most = STORAGE_MAX_USD_PER_GB_MONTH * max(disk_gb, 1.0) / HOURS_PER_MONTH
+        believed = [v for v in readings.values() if v is not None and math.isfinite(v) and 0 <= v <= most]
+        present = [v for v in readings.values() if v is not None]
+        if len(believed) < len(present) or (believed and max(believed) - min(believed) > 0.002):
+            self._warn_once(row, f"storage readings disagree or are not believable: {_readings(readings)}")
+        if not believed:
+            return None
+        return _round_up(max(believed))
+
+    def _bid_price(self, row: dict[str, Any], storage: float | None) -> tuple[float, float] | None:
+        """(the bid to send, the $/h it bills: bid + storage), or None when the offer cannot be bid on."""
+        min_bid = to_float(row.get("min_bid"))
+        if min_bid is None or not math.isfinite(min_bid) or min_bid <= 0 or storage is None:
+            self._warn_once(row, f"no usable minimum bid or storage (min_bid {row.get('min_bid')!r})")
+            return None
+        # Bid a little over the minimum so the first higher bid does not stop us at once, and never more
+        # than the GPU costs on-demand.
+        bid = min_bid * (1 + self._bid_margin)
+        gpu_on_demand = to_float(row.get("dph_base"))
+        if gpu_on_demand is not None and math.isfinite(gpu_on_demand) and gpu_on_demand > 0:
+            bid = min(bid, gpu_on_demand)
+        bid = _round_up(bid, 4)
+        if bid < min_bid:  # the minimum bid is above the on-demand price: no sense bidding
+            return None
+        dph = _round_up(bid + storage)
+        return (bid, dph) if is_price(dph) else None
+
+    def _on_demand_price(self, row: dict[str, Any], storage: float | None) -> float | None:
+        readings = [to_float(row.get("dph_total"))]
+        base = to_float(row.get("dph_base"))
+        if base is not None and storage is not None:
+            readings.append(base + storage)
+        breakdown = row.get("search")
+        if isinstance(breakdown, dict):
+            readings.append(to_float(breakdown.get("totalHour")))
+        prices = [p for p in readings if p is not None and math.isfinite(p) and 0 <= p <= PRICE_MAX]
+        if not prices:
+            self._warn_once(row, f"no usable on-demand price (dph_total {row.get('dph_total')!r})")
+            return None
+        return _round_up(max(prices))
+
+    def _warn_once(self, row: dict[str, Any], what: str) -> None:
+        key = str(row.get("id"))
+        if len(self._warned) > 10_000:  # a manager that runs for months sees many offers
+            self._warned.clear()
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("vast: offer %s: %s", key, what)
 
     @staticmethod
     def _keep(o: Offer, f: OfferFilter) -> bool:
@@ -250,10 +352,16 @@ class VastProvider:
             if leftover is not None:
                 self._destroy_leftover(leftover, e.message)
             gone = e.status in (404, 410) or _error_code(e.body) in OFFER_GONE_ERRORS
+            # The offer itself is the trouble (taken, or a minimum bid the search did not tell): trying it
+            # again after the next search would fail the same way.
+            refused = gone or leftover is not None or _error_code(e.body) in BID_REFUSED_ERRORS
+            if refused:
+                self._refuse(offer.offer_id)
             raise ProviderError(
                 f"{e.message} (offer {offer.offer_id})",
                 retryable=gone or e.retryable,
                 provider_id=leftover,
+                offer_refused=refused,
             ) from None
 
         self._forget_offer(offer.offer_id)
@@ -261,18 +369,28 @@ class VastProvider:
         if not isinstance(answer, dict) or answer.get("success") is False or contract is None:
             if contract is not None:
                 self._destroy_leftover(contract, "create answered without success")
+            self._refuse(offer.offer_id)
             raise ProviderError(
                 f"vast create on offer {offer.offer_id} failed: {_describe(answer)}",
                 retryable=False,
                 provider_id=contract,
+                offer_refused=True,
             )
+        if offer.storage_dph is not None:
+            self._storage[contract] = offer.storage_dph
         if price is not None:
-            self._verify_bid(contract, price)
+            self._verify_bid(contract, offer, price)
         return contract
 
     def _check_spec(self, offer: Offer, spec: LaunchSpec) -> None:
         if offer.provider != self.name:
             raise ProviderError(f"offer {offer.offer_id} is from {offer.provider}, not vast")
+        # Checked before renting: a price the books refuse would fail the record after the rent, leaving
+        # an instance to destroy on every tick.
+        if not is_price(offer.dph):
+            raise ProviderError(f"offer {offer.offer_id} has no usable price ({offer.dph!r}/h); not renting")
+        if spec.bid_price is not None and not (is_price(spec.bid_price) and spec.bid_price > 0):
+            raise ProviderError(f"bid {spec.bid_price!r} on offer {offer.offer_id} is not a usable price")
         if offer.interruptible and spec.bid_price is None:
             # Without a price Vast rents on-demand at full price, silently.
             raise ProviderError(f"offer {offer.offer_id} is interruptible but the launch has no bid_price")
@@ -290,7 +408,7 @@ class VastProvider:
         if long_env:
             raise ProviderError(f"env values longer than {ENV_VALUE_MAX} characters: {', '.join(long_env)}")
 
-    def _verify_bid(self, contract: str, bid: float) -> None:
+    def _verify_bid(self, contract: str, offer: Offer, bid: float) -> None:
         """Check from the provider's own record that we got a bid rent, not an on-demand one."""
         try:
             row = self._call("show", lambda: self._sdk.show_instance(id=int(contract)))
@@ -303,13 +421,16 @@ class VastProvider:
             return
         dph = to_price(row.get("dph_total"))
         # dph_total of a bid rent is the bid plus storage; on-demand bills the full ask. The slack
-        # covers storage without letting an on-demand price through.
+        # covers a storage reading off by a little without letting an on-demand price through.
         is_bid = row.get("is_bid")
-        if is_bid is False or (dph is not None and dph > bid + max(0.05, 0.15 * bid)):
+        expected = bid + (offer.storage_dph or 0.0)
+        if is_bid is False or (dph is not None and dph > expected + max(0.05, 0.15 * bid)):
             self._destroy_leftover(contract, f"billed {dph}/h, not the bid {bid}/h")
+            self._refuse(offer.offer_id)
             raise ProviderError(
                 f"vast instance {contract} billed {dph}/h on a bid of {bid}/h (on-demand?); destroyed",
                 provider_id=contract,
+                offer_refused=True,
             )
 
     def _destroy_leftover(self, contract: str, why: str) -> None:
@@ -359,9 +480,22 @@ class VastProvider:
             gpu_name=_text(row.get("gpu_name")),
             started_at=_timestamp(row.get("start_date")),
             status_msg=_text(row.get("status_msg")),
+            storage_dph=self._instance_storage(row),
         )
 
+    def _instance_storage(self, row: dict[str, Any]) -> float | None:
+        """What an instance bills while not running: as priced when rented here, else from the row's own
+        storage_cost and disk when it has them (None: unknown, the books then charge the full price)."""
+        known = self._storage.get(str(row["id"]))
+        if known is not None:
+            return known
+        cost, disk = to_float(row.get("storage_cost")), to_float(row.get("disk_space"))
+        if cost is None or disk is None or not (0 <= cost <= STORAGE_MAX_USD_PER_GB_MONTH and disk >= 0):
+            return None
+        return _round_up(cost * disk / HOURS_PER_MONTH) if math.isfinite(cost * disk) else None
+
     def destroy(self, provider_id: str) -> None:
+        self._storage.pop(provider_id, None)
         try:
             answer = self._call("destroy", lambda: self._sdk.destroy_instance(id=int(provider_id)))
         except _HTTPFailure as e:
@@ -451,12 +585,14 @@ def _timestamp(value: Any) -> datetime | None:
         return None
 
 
-def _offer_price(value: Any) -> float:
-    """An offer's price, or ValueError (the offer is skipped) when it is none the caps can compare."""
-    price = to_float(value)
-    if price is None or not math.isfinite(price) or price < 0:
-        raise ValueError(f"offer price {value!r}")
-    return price
+def _round_up(value: float, places: int = 6) -> float:
+    """Rounded up, never down: a price booked a hair under the bill lets the caps be crossed by it."""
+    scale = 10**places
+    return math.ceil(value * scale - 1e-9) / scale
+
+
+def _readings(readings: dict[str, float | None]) -> str:
+    return ", ".join(f"{k}={'?' if v is None else f'{v:.6f}'}" for k, v in readings.items())
 
 
 def _raw_status(row: dict[str, Any]) -> str:

@@ -125,6 +125,7 @@ declare
     v_vram integer;
     v_lease interval;
     v_grace integer;
+    v_expired boolean;
     n integer;
 begin
     i := gpuq._instance_for(p_secret);
@@ -132,8 +133,6 @@ begin
     if p_limit is null or p_limit < 1 or i.status not in ('requested', 'booting', 'idle', 'busy') then
         return;
     end if;
-    -- one claim at a time per instance, so two at once cannot both take its free capacity
-    perform 1 from gpuq.instances where id = i.id for no key update;
     select coalesce(array_agg(q.name order by q.pos), '{}') into v_queues
       from (select name, min(pos) as pos
               from unnest(coalesce(p_queues, i.queues)) with ordinality as u (name, pos)
@@ -141,15 +140,24 @@ begin
                and not exists (select 1 from gpuq.queue_settings s
                                 where s.queue = name and s.paused_at is not null)
              group by name) as q;
+    v_vram := least(coalesce(i.vram_mb, 0), coalesce(i.reported_vram_mb, i.vram_mb, 0));
+    -- cheap probes of jobs_lease_idx and jobs_claim_idx: with nothing expired and nothing to take, answer
+    -- without writing anything (an idle fleet polls: through a transaction pooler it has no LISTEN)
+    v_expired := exists (select 1 from gpuq.jobs where status = 'running' and lease_expires_at < now());
+    if not v_expired and not exists (select 1 from gpuq.jobs
+                                      where queue = any (v_queues) and status = 'queued' and run_after <= now()
+                                        and min_vram_mb <= v_vram) then
+        return;
+    end if;
+    -- one claim at a time per instance, so two at once cannot both take its free capacity
+    perform 1 from gpuq.instances where id = i.id for no key update;
     v_free := least(p_limit, coalesce(i.max_concurrency, 1)
                              - (select count(*) from gpuq.jobs where instance_id = i.id and status = 'running'));
     if v_free < 1 or cardinality(v_queues) = 0 then
         return;
     end if;
-    v_vram := least(coalesce(i.vram_mb, 0), coalesce(i.reported_vram_mb, i.vram_mb, 0));
     v_grace := (select timeout_grace_seconds from gpuq.config);
-    -- a cheap probe of jobs_lease_idx: only then is there anything to end or requeue
-    if exists (select 1 from gpuq.jobs where status = 'running' and lease_expires_at < now()) then
+    if v_expired then
         perform gpuq._reap_expired(v_queues);
     end if;
 

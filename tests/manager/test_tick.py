@@ -52,7 +52,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def db(client: Client) -> Client:
-    client.conn.execute("truncate gpuq.avoided_machines, gpuq.manager_ticks")
+    client.conn.execute("truncate gpuq.avoided_machines, gpuq.manager_ticks, gpuq.machine_markups")
     return client
 
 

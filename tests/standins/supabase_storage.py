@@ -8,10 +8,21 @@ src/internal/errors/codes.ts), not to what gpuq sends:
   POST /object/sign/{bucket}/{path} -> {"signedURL": "/object/sign/...?token=JWT"},
   GET /object/sign/{bucket}/{path}?token=..., GET /object/info/{bucket}/{path} (and info/authenticated,
   info/public), DELETE /object/{bucket} {"prefixes": [...]}.
-- Auth: the storage server checks `Authorization: Bearer <JWT>` itself (HS256 with the project's JWT
-  secret); the gateway in front of it does not require the apikey header on storage routes
-  (supabase/docker/volumes/api/kong.yml). A service_role JWT bypasses row-level security; any other
-  role sees private buckets as the default deny-all RLS does: objects not found, uploads refused.
+- Auth: the storage server checks `Authorization: Bearer <JWT>` itself (src/internal/auth/jwt.ts: jose's
+  jwtVerify, HS256 with the project's JWT secret: signature, algorithm and expiry, refused as
+  AccessDenied with jose's message); the gateway in front of it does not require the apikey header on
+  storage routes (supabase/docker/volumes/api/kong.yml). A service_role JWT bypasses row-level security.
+- Row-level security, two ways. Without a database: Supabase's default for a project with no storage
+  policies, deny-all: any role but service_role sees private buckets' objects as not found and has its
+  uploads refused. With `db_url` (a Postgres database of the test's own): the stand-in keeps the rows of
+  a storage.objects table there (the columns Supabase's has, RLS on, Supabase's grants and its auth.jwt())
+  and runs each request's statements as the real server does (src/internal/database/postgres/scope.ts,
+  src/storage/database/pg.ts, src/storage/uploader.ts): in a transaction with `role` set to the token's
+  role and `request.jwt.claims` to its claims, an upload's INSERT (upsert: INSERT … ON CONFLICT DO UPDATE)
+  … RETURNING * tried and rolled back before the write, a read's SELECT of the row. So the policies a test
+  installs (`run_sql`, e.g. sql/supabase/storage_policies.sql as shipped) decide, as Postgres evaluates
+  them; a refused write is AccessDenied "new row violates row-level security policy" (42501), a row
+  the policies hide is NoSuchKey.
 - Errors: as the real error handler renders them, HTTP 400 for every non-500 error, with the meaningful
   status as a string in the body: {"statusCode": "404", "code": "NoSuchKey", "error": "not_found",
   "message": "Object not found"}. Unknown routes get a real 404.
@@ -21,6 +32,7 @@ src/internal/errors/codes.ts), not to what gpuq sends:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -57,11 +69,14 @@ def sign_jwt(payload: dict[str, Any], secret: str) -> str:
 
 
 def verify_jwt(token: str, secret: str) -> dict[str, Any]:
-    """The payload of a valid, unexpired HS256 JWT; ValueError otherwise."""
+    """The payload of a valid, unexpired HS256 JWT; ValueError with jose's message otherwise."""
     try:
         header, body, sig = token.split(".")
+        alg = json.loads(_b64url_decode(header)).get("alg")
     except ValueError:
         raise ValueError("Invalid Compact JWS") from None
+    if alg != "HS256":  # the storage server's configured algorithm (JWT_ALGORITHM, default HS256)
+        raise ValueError('"alg" (Algorithm) Header Parameter value not allowed')
     expected = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, _b64url_decode(sig)):
         raise ValueError("signature verification failed")
@@ -110,10 +125,178 @@ class StoredObject:
         return f'"{hashlib.md5(self.data).hexdigest()}"'
 
 
-class SupabaseStorageStandIn:
-    """Start with `with SupabaseStorageStandIn() as s:`; `s.url` is the project URL for create_client."""
+# What the stand-in keeps in a test's database with db_url: the parts of Supabase's storage and auth schemas
+# that policies read (supabase/storage migrations; supabase/postgres's auth.jwt()), with Supabase's grants.
+_SCHEMA = """
+create schema if not exists storage;
+create schema if not exists auth;
+create table if not exists storage.buckets (
+    id text primary key, name text not null, public boolean not null default false, owner_id text);
+create table if not exists storage.objects (
+    id uuid primary key default gen_random_uuid(),
+    bucket_id text references storage.buckets (id),
+    name text collate "C" not null,
+    owner uuid, owner_id text, metadata jsonb, user_metadata jsonb, version text,
+    created_at timestamptz default now(), updated_at timestamptz default now(),
+    last_accessed_at timestamptz default now(),
+    unique (bucket_id, name));
+alter table storage.buckets enable row level security;
+alter table storage.objects enable row level security;
+create or replace function auth.jwt() returns jsonb language sql stable as $$
+    select coalesce(nullif(current_setting('request.jwt.claim', true), ''),
+                    nullif(current_setting('request.jwt.claims', true), ''))::jsonb $$;
+create or replace function auth.uid() returns uuid language sql stable as $$
+    select coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'))::uuid $$;
+create or replace function auth.role() returns text language sql stable as $$
+    select coalesce(nullif(current_setting('request.jwt.claim.role', true), ''),
+                    (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role'))::text $$;
+create or replace function storage.foldername(name text) returns text[] language plpgsql immutable as $$
+declare _parts text[];
+begin
+    select string_to_array(name, '/') into _parts;
+    return _parts[1:array_length(_parts, 1) - 1];
+end $$;
+grant usage on schema storage, auth to anon, authenticated, service_role;
+grant all on storage.buckets, storage.objects to anon, authenticated, service_role;
+"""
+# Roles are the server's, not one database's: made once, by whichever test run comes first.
+_ROLES = ("anon", "authenticated", "service_role", "authenticator")
 
-    def __init__(self) -> None:
+
+def _uuid_or_none(value: object) -> str | None:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        return None
+
+
+class Rls:
+    """Row-level security on storage.objects, decided in Postgres under the token's role and claims."""
+
+    def __init__(self, db_url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for role in _ROLES:
+                # there already, or made by another test run at this very moment
+                with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                    conn.execute(f"create role {role} nologin")
+            conn.execute(_SCHEMA)
+        self.conn = psycopg.connect(db_url)
+        self.lock = threading.Lock()
+
+    def run_sql(self, sql: str) -> None:
+        """Run SQL as the project's owner would in the SQL editor (e.g. a policies file)."""
+        with self.lock:
+            self.conn.execute(sql.encode())
+            self.conn.commit()
+
+    def create_bucket(self, name: str, public: bool) -> None:
+        with self.lock:
+            self.conn.execute(
+                "insert into storage.buckets (id, name, public) values (%s, %s, %s) "
+                "on conflict (id) do update set public = excluded.public",
+                (name, name, public),
+            )
+            self.conn.commit()
+
+    def _scoped(self, claims: dict[str, Any]) -> None:
+        """As the server scopes a request's transaction: its role and claims, local to the transaction."""
+        self.conn.execute(
+            "select set_config('role', %s, true), set_config('request.jwt.claim.role', %s, true), "
+            "set_config('request.jwt.claim.sub', %s, true), set_config('request.jwt.claims', %s, true)",
+            (
+                str(claims.get("role", "anon")),
+                str(claims.get("role", "anon")),
+                str(claims.get("sub", "")),
+                json.dumps(claims),
+            ),
+        )
+
+    def may_upload(self, bucket: str, name: str, claims: dict[str, Any], *, upsert: bool) -> None:
+        """The permission test before an upload: the row written under the token's role, then rolled back.
+        Raises StorageError as the server renders the database's refusal."""
+        if claims.get("role") == "service_role":
+            return
+        owner = claims.get("sub")
+        sql = (
+            "insert into storage.objects (bucket_id, name, owner, owner_id, version) "
+            "values (%s, %s, %s, %s, '1')"
+            + (
+                " on conflict (name, bucket_id) do update set version = excluded.version, "
+                "owner = excluded.owner, owner_id = excluded.owner_id"
+                if upsert
+                else ""
+            )
+            + " returning *"
+        )
+        pg = self._psycopg
+        with self.lock:
+            try:
+                self._scoped(claims)
+                self.conn.execute(sql, (bucket, name, _uuid_or_none(owner), owner))
+            except pg.errors.InsufficientPrivilege as e:
+                message = (
+                    "new row violates row-level security policy" if "row-level security" in str(e) else str(e)
+                )
+                raise access_denied(message) from None
+            except pg.errors.UniqueViolation:
+                raise StorageError(
+                    409, "KeyAlreadyExists", "The resource already exists", "Duplicate"
+                ) from None
+            except pg.Error as e:  # the server's fallback for any other database error
+                raise StorageError(500, "DatabaseError", f"database error, code: {e.sqlstate}") from None
+            finally:
+                self.conn.rollback()
+
+    def record(self, bucket: str, name: str, claims: dict[str, Any]) -> None:
+        """The write itself, as the server makes it after the test: as the owner, past RLS."""
+        owner = claims.get("sub")
+        with self.lock:
+            self.conn.execute(
+                "insert into storage.objects (bucket_id, name, owner, owner_id, version) "
+                "values (%s, %s, %s, %s, '1') on conflict (name, bucket_id) do update "
+                "set updated_at = now(), owner = excluded.owner, owner_id = excluded.owner_id",
+                (bucket, name, _uuid_or_none(owner), owner),
+            )
+            self.conn.commit()
+
+    def visible(self, bucket: str, name: str, claims: dict[str, Any]) -> bool:
+        """Whether the token's role sees the object's row (findObject under the request's scope)."""
+        if claims.get("role") == "service_role":
+            return True
+        with self.lock:
+            try:
+                self._scoped(claims)
+                row = self.conn.execute(
+                    "select id from storage.objects where name = %s and bucket_id = %s limit 1",
+                    (name, bucket),
+                ).fetchone()
+            except self._psycopg.Error as e:
+                raise StorageError(500, "DatabaseError", f"database error, code: {e.sqlstate}") from None
+            finally:
+                self.conn.rollback()
+        return row is not None
+
+    def forget(self, bucket: str, name: str) -> None:
+        with self.lock:
+            self.conn.execute(
+                "delete from storage.objects where bucket_id = %s and name = %s", (bucket, name)
+            )
+            self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SupabaseStorageStandIn:
+    """Start with `with SupabaseStorageStandIn() as s:`; `s.url` is the project URL for create_client.
+    With `db_url`, row-level security is decided by the policies in that database (see the module's doc)."""
+
+    def __init__(self, db_url: str | None = None) -> None:
+        self.rls = Rls(db_url) if db_url else None
         self.jwt_secret = secrets.token_hex(32)
         self.service_role_key = sign_jwt({"iss": "supabase", "role": "service_role"}, self.jwt_secret)
         self.anon_key = sign_jwt({"iss": "supabase", "role": "anon"}, self.jwt_secret)
@@ -126,6 +309,12 @@ class SupabaseStorageStandIn:
 
     def create_bucket(self, name: str, *, public: bool = False) -> None:
         self.buckets[name] = public
+        if self.rls is not None:
+            self.rls.create_bucket(name, public)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """A JWT signed with the project's secret, as the project's own keys are."""
+        return sign_jwt(claims, self.jwt_secret)
 
     def fail_next(self, status: int, count: int = 1) -> None:
         with self.lock:
@@ -148,6 +337,8 @@ class SupabaseStorageStandIn:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.rls is not None:
+            self.rls.close()
 
     @property
     def url(self) -> str:
@@ -201,26 +392,32 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: object) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json; charset=utf-8"})
 
-    def _role(self, required: bool) -> str | None:
-        """The JWT's role; None when unauthenticated and `required` is false (allowInvalidJwt routes)."""
+    def _claims(self, required: bool) -> dict[str, Any] | None:
+        """The JWT's claims (role defaults to anon); None when unauthenticated and `required` is false
+        (allowInvalidJwt routes)."""
         auth = self.headers.get("Authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
         try:
-            return str(verify_jwt(token, self.store.jwt_secret).get("role", "anon"))
+            claims = verify_jwt(token, self.store.jwt_secret)
         except ValueError as e:
             if required:
                 raise access_denied(str(e)) from None
             return None
+        return {**claims, "role": str(claims.get("role", "anon"))}
 
-    def _find(self, bucket: str, name: str, role: str | None) -> StoredObject:
+    def _find(self, bucket: str, name: str, claims: dict[str, Any] | None) -> StoredObject:
         public = self.store.buckets.get(bucket)
-        if public is None or (role is None and not public):
+        if public is None or (claims is None and not public):
             raise no_such_bucket()
         obj = self.store.objects.get((bucket, name))
-        # Default RLS denies everyone but service_role on private buckets: the row is invisible.
-        if obj is None or (not public and role != "service_role"):
-            raise no_such_key()
+        if obj is None or (not public and not self._visible(bucket, name, claims or {})):
+            raise no_such_key()  # a row RLS hides is not there
         return obj
+
+    def _visible(self, bucket: str, name: str, claims: dict[str, Any]) -> bool:
+        if self.store.rls is None:  # Supabase's default, deny-all: only service_role sees private objects
+            return claims.get("role") == "service_role"
+        return self.store.rls.visible(bucket, name, claims)
 
     def _send_object(self, obj: StoredObject, extra: dict[str, str] | None = None) -> None:
         headers = {
@@ -285,7 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._upload(bucket, name, upsert=upsert)
             case ("GET", "" | "authenticated"):
                 # /object/{bucket}/... allows a missing or invalid JWT (public buckets only then)
-                self._send_object(self._find(bucket, name, self._role(required=kind == "authenticated")))
+                self._send_object(self._find(bucket, name, self._claims(required=kind == "authenticated")))
             case ("GET", "public"):
                 self._send_object(self._public(bucket, name))
             case ("POST", "sign"):
@@ -293,8 +490,8 @@ class _Handler(BaseHTTPRequestHandler):
             case ("GET", "sign"):
                 self._get_signed(bucket, name, query.get("token", ""))
             case ("GET", "info" | "info/authenticated"):
-                role = self._role(required=kind == "info/authenticated")
-                self._info(bucket, name, self._find(bucket, name, role))
+                claims = self._claims(required=kind == "info/authenticated")
+                self._info(bucket, name, self._find(bucket, name, claims))
             case ("GET", "info/public"):
                 self._info(bucket, name, self._public(bucket, name))
             case _:
@@ -312,7 +509,8 @@ class _Handler(BaseHTTPRequestHandler):
     # -- operations
 
     def _upload(self, bucket: str, name: str, *, upsert: bool) -> None:
-        role = self._role(required=True)
+        claims = self._claims(required=True)
+        assert claims is not None
         body = self._read_body()
         content_type = self.headers.get("Content-Type", "")
         cache_control = "no-cache"
@@ -337,7 +535,10 @@ class _Handler(BaseHTTPRequestHandler):
                 cache_control = self.headers["Cache-Control"]
         if bucket not in self.store.buckets:
             raise no_such_bucket()
-        if role != "service_role":
+        rls = self.store.rls
+        if rls is not None:
+            rls.may_upload(bucket, name, claims, upsert=upsert)
+        elif claims["role"] != "service_role":
             raise access_denied("new row violates row-level security policy")
         with self.store.lock:
             existing = self.store.objects.get((bucket, name))
@@ -347,10 +548,12 @@ class _Handler(BaseHTTPRequestHandler):
             if existing is not None:
                 obj.id, obj.created_at = existing.id, existing.created_at
             self.store.objects[(bucket, name)] = obj
+            if rls is not None:
+                rls.record(bucket, name, claims)
         self._json(200, {"Id": obj.id, "Key": f"{bucket}/{name}"})
 
     def _sign(self, bucket: str, name: str) -> None:
-        role = self._role(required=True)
+        claims = self._claims(required=True)
         request = json.loads(self._read_body() or b"{}")
         try:
             expires_in = int(request["expiresIn"])
@@ -359,7 +562,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise StorageError(400, "InvalidRequest", message) from None
         if expires_in < 1:
             raise StorageError(400, "InvalidRequest", "body/expiresIn must be >= 1")
-        self._find(bucket, name, role)
+        self._find(bucket, name, claims)
         now = int(time.time())
         token = sign_jwt(
             {"url": f"{bucket}/{name}", "scope": "download", "iat": now, "exp": now + expires_in},
@@ -405,17 +608,21 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _delete(self, bucket: str) -> None:
-        role = self._role(required=True)
+        claims = self._claims(required=True)
+        assert claims is not None
         prefixes = json.loads(self._read_body() or b"{}").get("prefixes", [])
         if bucket not in self.store.buckets:
             raise no_such_bucket()
         deleted = []
-        if role == "service_role":
+        # Only service_role deletes here (no policy a test installs lets any other role delete).
+        if claims["role"] == "service_role":
             with self.store.lock:
                 for name in prefixes:
                     obj = self.store.objects.pop((bucket, name), None)
                     if obj is not None:
                         deleted.append({"name": name, "bucket_id": bucket, "id": obj.id})
+                        if self.store.rls is not None:
+                            self.store.rls.forget(bucket, name)
         self._json(200, deleted)
 
     do_GET = _dispatch

@@ -6,6 +6,20 @@ test, so instances boot, rate limits refill and charges accrue without waiting.
 
 Fault switches (all off by default) are plain attributes and methods; `rentals` records each rent
 (bid or on-demand, price) and `requests` each HTTP request, so tests can assert money and rate facts.
+
+Billing follows Vast's published rules: storage ($/GB-month x the disk asked for, a 30-day month) bills
+every second an instance exists, whatever its state; the rest (the bid, or the on-demand GPU price) only
+while it runs (actual_status "running"): not while it loads, once it is stopped (outbid) or exited, nor for
+an instance that never starts. `committed_rate()` is what the live instances would bill running (storage
+alone for stopped ones), the figure a $/h cap is about; `peak_committed` is its highest value so far.
+
+The market can be made hostile: bid searches that answer `dph_total` at the minimum bid
+(`bid_dph_total`), machines that bill more than their offer says (`machine_surcharge`), exit after
+running a while (`exit_after`), never finish loading (`stuck_machines`) or are outbid after a while
+(`outbid_after`), offers the index keeps listing that are gone (`phantom_offers`) or whose real minimum
+bid is above the one searched (`stale_min_bid`: the create answers an error carrying `new_contract`),
+every Nth request failing (`periodic_failures`), and a hook inside each create (`on_create`), where a test
+can kill the caller mid-call. Time is a `SimClock`, or `RealClock` for a manager running in its own process.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import base64
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +56,16 @@ LOADING_AT_S = 10.0
 RUNNING_AT_S = 60.0
 
 SEARCH_META_KEYS = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
+
+
+class RealClock:
+    """Wall time, for a stand-in serving a manager in another process."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
 
 
 class SimClock:
@@ -88,30 +113,58 @@ class Rental:
     disk: float
     rent_type: str  # "bid" or "on-demand"
     price: float | None  # the bid sent; None for on-demand
-    dph_total: float  # what it bills while running
-    storage_dph: float  # what it bills while stopped
+    dph_total: float  # what it bills while running, and what its listing shows
+    storage_dph: float  # what it bills in every state
     gpu_name: str
     num_gpus: int
     created_at: float
     destroyed_at: float | None = None
-    stuck_loading: bool = False
+    # When it starts running (actual_status "running"); None: never (stuck, OCI error, a leftover).
+    running_from: float | None = None
+    # When it stopped running for good (outbid, exited); the GPU part bills no more from then.
+    halted_at: float | None = None
     # Set by faults; wins over the simulated boot sequence.
     override: dict[str, Any] | None = None
-    # (time, $/h) from that time on; cost is the integral up to destroyed_at or now.
-    rate_segments: list[tuple[float, float]] = field(default_factory=list)
+    # A fault due later: (time, the listing state from then on).
+    scheduled: tuple[float, dict[str, Any]] | None = None
+
+    def end(self, now: float) -> float:
+        return self.destroyed_at if self.destroyed_at is not None else now
+
+    def running_seconds(self, now: float) -> float:
+        if self.running_from is None:
+            return 0.0
+        stop = min(t for t in (self.halted_at, self.end(now)) if t is not None)
+        return max(0.0, stop - self.running_from)
 
     def cost(self, now: float) -> float:
-        end = self.destroyed_at if self.destroyed_at is not None else now
-        total = 0.0
-        for i, (t0, rate) in enumerate(self.rate_segments):
-            t1 = self.rate_segments[i + 1][0] if i + 1 < len(self.rate_segments) else end
-            total += rate * max(0.0, min(t1, end) - t0) / 3600.0
-        return total
+        """$ billed up to now: storage for its whole life, the rest while it ran."""
+        life = max(0.0, self.end(now) - self.created_at)
+        gpu = self.dph_total - self.storage_dph
+        return (self.storage_dph * life + gpu * self.running_seconds(now)) / 3600.0
 
-    def rate_now(self) -> float:
+    def running_at(self, t: float) -> bool:
+        return (
+            self.running_from is not None
+            and self.running_from <= t
+            and (self.halted_at is None or t < self.halted_at)
+            and (self.destroyed_at is None or t < self.destroyed_at)
+        )
+
+    def rate_now(self, now: float) -> float:
         if self.destroyed_at is not None:
             return 0.0
-        return self.rate_segments[-1][1] if self.rate_segments else 0.0
+        return self.dph_total if self.running_at(now) else self.storage_dph
+
+    def committed(self) -> float:
+        """What it would bill running: a stopped or exited one bills storage alone until destroyed."""
+        if self.destroyed_at is not None:
+            return 0.0
+        return self.storage_dph if self.halted_at is not None or self.stopped_leftover else self.dph_total
+
+    @property
+    def stopped_leftover(self) -> bool:
+        return self.running_from is None and (self.override or {}).get("cur_state") == "stopped"
 
 
 class VastStandin:
@@ -127,6 +180,12 @@ class VastStandin:
         self._next_offer_id = 9_000_000
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Simulated boot: actual_status null, then created, then loading, then running (s after create).
+        self.created_at_s = CREATED_AT_S
+        self.loading_at_s = LOADING_AT_S
+        self.running_at_s = RUNNING_AT_S
+        self.peak_committed = 0.0  # the highest committed_rate() so far
+        self.served = 0  # requests answered, for periodic_failures
         # --- fault switches ---
         self._fail_queue: list[tuple[int, dict[str, Any], str | None]] = []  # (status, body, kind or None)
         self.search_quota_exceeded = False
@@ -139,6 +198,21 @@ class VastStandin:
         self.row_overrides: dict[int, dict[str, Any]] = {}  # instance id -> fields its listing row shows
         self.broken_lists = 0  # the next N listings break off mid-answer (a dropped connection)
         self.hold_lists: threading.Event | None = None  # when set: listings wait for this event first
+        # --- a hostile market (see the module's notes) ---
+        # What a bid search answers as dph_total: "on-demand" (dph_base + storage, as on-demand searches),
+        # "min_bid" (the minimum bid alone) or "min_bid+storage".
+        self.bid_dph_total = "on-demand"
+        self.search_breakdown = True  # offers carry `search`: {gpuCostPerHour, diskHour, totalHour}
+        self.machine_surcharge: dict[int, float] = {}  # machine -> $/h billed above what its offer says
+        self.exit_after: dict[int, float] = {}  # machine -> its instances exit this long after running
+        self.outbid_after: dict[int, float] = {}  # machine -> its instances are outbid this long after create
+        self.stuck_machines: set[int] = set()  # machines whose instances never leave "loading"
+        self.phantom_offers: set[int] = set()  # listed by searches, gone when rented (no_such_ask)
+        self.stale_min_bid: dict[int, float] = {}  # offer -> its real minimum bid (searches show the old)
+        self.periodic_failures: list[tuple[int, int]] = []  # (n, status): every nth request answers status
+        self.on_create: Callable[[Rental], None] | None = None  # called inside each create, before answering
+        self.list_storage_fields = False  # listing rows carry storage_cost (unknown whether Vast's do)
+        self.search_overrides: dict[int, dict[str, Any]] = {}  # offer id -> fields its search row shows
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -250,43 +324,67 @@ class VastStandin:
     def set_status(self, instance_id: int, actual_status: str | None, status_msg: str | None = None) -> None:
         """Force an instance into exited / unknown / offline / ... from now on."""
         with self._lock:
-            r = self.rentals[instance_id]
-            r.override = {
-                "actual_status": actual_status,
-                "cur_state": "running",
-                "next_state": "running",
-                "intended_status": "running",
-                "status_msg": status_msg,
-            }
+            self._halt(self.rentals[instance_id], self.clock.now(), _exited(actual_status, status_msg))
 
     def outbid(self, instance_id: int) -> None:
         """A higher bid took the machine: stopped, storage still billed."""
         with self._lock:
             r = self.rentals[instance_id]
-            actual = self._computed(r)["actual_status"]
-            r.override = {
-                "actual_status": "stopped" if actual in ("running", "loading") else actual,
-                "cur_state": "stopped",
-                "next_state": "stopped",
-                "intended_status": "stopped",
-                "status_msg": None,
-            }
-            r.rate_segments.append((self.clock.now(), r.storage_dph))
+            self._halt(r, self.clock.now(), _stopped(self._computed(r)["actual_status"]))
+
+    def _halt(self, r: Rental, at: float, state: dict[str, Any]) -> None:
+        r.override = state
+        r.scheduled = None
+        if state["actual_status"] != "running" and (r.halted_at is None or at < r.halted_at):
+            r.halted_at = at
+
+    def _settle(self) -> None:
+        """Apply the faults that fell due (lazily: time is whatever the clock says)."""
+        now = self.clock.now()
+        for r in self.rentals.values():
+            if r.scheduled is not None and r.destroyed_at is None and now >= r.scheduled[0]:
+                at, state = r.scheduled
+                if state.get("cur_state") == "stopped":  # an outbid: stopped whatever it was doing
+                    state = _stopped("running" if r.running_at(at) else "loading")
+                self._halt(r, at, state)
 
     # ------------------------------------------------------------------ money facts
     def live(self) -> dict[int, Rental]:
         """Instances not destroyed: each still bills."""
         with self._lock:
+            self._settle()
             return {i: r for i, r in self.rentals.items() if r.destroyed_at is None}
 
     def billing_rate(self) -> float:
+        """$/h billing this moment (storage alone for what is not running)."""
         with self._lock:
-            return sum(r.rate_now() for r in self.rentals.values())
+            self._settle()
+            now = self.clock.now()
+            return sum(r.rate_now(now) for r in self.rentals.values())
+
+    def committed_rate(self) -> float:
+        """$/h the live instances would bill running: what a total $/h cap is about."""
+        with self._lock:
+            self._settle()
+            return sum(r.committed() for r in self.rentals.values())
 
     def total_cost(self) -> float:
         with self._lock:
+            self._settle()
             now = self.clock.now()
             return sum(r.cost(now) for r in self.rentals.values())
+
+    def cost_of(self, instance_id: int) -> float:
+        with self._lock:
+            self._settle()
+            return self.rentals[instance_id].cost(self.clock.now())
+
+    def is_running(self, instance_id: int) -> bool:
+        """Whether the instance runs now (what a worker on it needs)."""
+        with self._lock:
+            self._settle()
+            r = self.rentals[instance_id]
+            return r.running_at(self.clock.now()) and self._computed(r)["actual_status"] == "running"
 
     def request_times(self, kind: str) -> list[float]:
         with self._lock:
@@ -333,6 +431,12 @@ class VastStandin:
     ) -> tuple[int, Any]:
         if h.headers.get("Authorization") != f"Bearer {self.api_key}":
             return 401, {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+        self._settle()
+        self.served += 1
+        for every, status in self.periodic_failures:
+            if self.served % every == 0:
+                error = "rate_limited" if status == 429 else "server_error"
+                return status, {"success": False, "error": error, "msg": f"every {every}th request fails"}
         for i, (status, fail_body, fail_kind) in enumerate(self._fail_queue):
             if fail_kind is None or fail_kind == kind:
                 del self._fail_queue[i]
@@ -372,9 +476,23 @@ class VastStandin:
         rows = []
         for offer in self.offers.values():
             row = dict(offer)
-            row["dph_total"] = round(offer["dph_base"] + offer["storage_cost"] * storage / 720.0, 6)
-            row["storage_total_cost"] = round(offer["storage_cost"] * storage / 720.0, 6)
+            disk_hour = offer["storage_cost"] * storage / 720.0
+            gpu = offer["dph_base"]
+            if offer_type == "bid" and self.bid_dph_total != "on-demand":
+                gpu = offer["min_bid"]
+                total = gpu + (disk_hour if self.bid_dph_total == "min_bid+storage" else 0.0)
+            else:
+                total = gpu + disk_hour
+            row["dph_total"] = round(total, 6)
+            row["storage_total_cost"] = round(disk_hour, 6)
+            if self.search_breakdown:
+                row["search"] = {
+                    "gpuCostPerHour": round(gpu, 6),
+                    "diskHour": round(disk_hour, 6),
+                    "totalHour": round(gpu + disk_hour, 6),
+                }
             row["is_bid"] = offer_type == "bid"
+            row.update(self.search_overrides.get(offer["id"], {}))
             if all(_matches(row, key, cond) for key, cond in q.items() if key not in SEARCH_META_KEYS):
                 rows.append(row)
         for col, direction in reversed(q.get("order") or []):
@@ -388,7 +506,7 @@ class VastStandin:
 
     def _create(self, offer_id: int, body: dict) -> tuple[int, Any]:
         offer = self.offers.get(offer_id)
-        if offer is None or offer["rented"] or not offer["rentable"]:
+        if offer is None or offer["rented"] or not offer["rentable"] or offer_id in self.phantom_offers:
             return 404, {
                 "success": False,
                 "error": "no_such_ask",
@@ -405,20 +523,25 @@ class VastStandin:
         price = body.get("price")
         disk = float(body.get("disk") or 10)
         storage_dph = offer["storage_cost"] * disk / 720.0
+        surcharge = self.machine_surcharge.get(offer["machine_id"], 0.0)
         if price is None or self.ignore_bid:
-            rent_type, dph = "on-demand", offer["dph_base"] + storage_dph
+            rent_type, dph = "on-demand", offer["dph_base"] + storage_dph + surcharge
         else:
-            rent_type, dph = "bid", float(price) + storage_dph
+            rent_type, dph = "bid", float(price) + storage_dph + surcharge
 
-        below_min = rent_type == "bid" and float(price) < offer["min_bid"]
+        real_min = self.stale_min_bid.get(offer_id, offer["min_bid"])
+        below_min = rent_type == "bid" and float(price) < real_min
+        stale = offer_id in self.stale_min_bid and below_min  # the search said it was enough
         forced_error = self.create_error_with_contract > 0
-        if below_min and body.get("cancel_unavail"):
+        if below_min and body.get("cancel_unavail") and not stale:
             return 400, {"success": False, "error": "invalid_price", "msg": "bid below the minimum"}
 
         rental = self._rent(offer, body, rent_type, price, dph, storage_dph)
         if below_min or forced_error:
             # The money trap: an error answer, yet a stopped instance stays behind billing storage.
             self.create_error_with_contract = max(0, self.create_error_with_contract - 1)
+            if stale:
+                offer["rented"] = False  # the index goes on listing it, stale minimum and all
             rental.override = {
                 "actual_status": None,
                 "cur_state": "stopped",
@@ -426,13 +549,18 @@ class VastStandin:
                 "intended_status": "stopped",
                 "status_msg": None,
             }
-            rental.rate_segments = [(rental.created_at, storage_dph)]
+            rental.running_from = None
+            rental.scheduled = None
+            self.peak_committed = max(self.peak_committed, sum(r.committed() for r in self.rentals.values()))
             return 400, {
                 "success": False,
                 "error": "invalid_price",
                 "msg": "Your bid is below the minimum; the instance could not be scheduled.",
                 "new_contract": rental.id,
             }
+        self.peak_committed = max(self.peak_committed, sum(r.committed() for r in self.rentals.values()))
+        if self.on_create is not None:
+            self.on_create(rental)
         return 200, {"success": True, "new_contract": rental.id}
 
     def _rent(
@@ -457,9 +585,10 @@ class VastStandin:
             gpu_name=offer["gpu_name"],
             num_gpus=offer["num_gpus"],
             created_at=now,
-            stuck_loading=self.stuck_loading,
-            rate_segments=[(now, dph)],
         )
+        machine = offer["machine_id"]
+        if not (self.stuck_loading or machine in self.stuck_machines or self.oci_on_create):
+            rental.running_from = now + self.running_at_s
         if self.oci_on_create:
             rental.override = {
                 "actual_status": "created",
@@ -468,18 +597,23 @@ class VastStandin:
                 "intended_status": "running",
                 "status_msg": OCI_MSG,
             }
+        if machine in self.exit_after and rental.running_from is not None:
+            rental.scheduled = (rental.running_from + self.exit_after[machine], _exited("exited", None))
+        if machine in self.outbid_after:
+            rental.scheduled = (now + self.outbid_after[machine], _stopped(None))
         self.rentals[rental.id] = rental
         return rental
 
     def _computed(self, r: Rental) -> dict[str, Any]:
         if r.override is not None:
             return dict(r.override)
-        age = self.clock.now() - r.created_at
-        if age < CREATED_AT_S:
+        now = self.clock.now()
+        age = now - r.created_at
+        if age < self.created_at_s:
             actual = None
-        elif age < LOADING_AT_S:
+        elif age < self.loading_at_s:
             actual = "created"
-        elif age < RUNNING_AT_S or r.stuck_loading:
+        elif not r.running_at(now):
             actual = "loading"
         else:
             actual = "running"
@@ -493,28 +627,37 @@ class VastStandin:
 
     def _row(self, r: Rental) -> dict[str, Any]:
         states = self._computed(r)
-        return {
-            "id": r.id,
-            "machine_id": r.machine_id,
-            "host_id": 4242,
-            **states,
-            "label": r.label,
-            "image_uuid": r.image,
-            "image_runtype": "ssh_direc ssh_proxy",
-            "onstart": r.onstart,
-            "extra_env": [[k, v] for k, v in r.env.items()],
-            "num_gpus": r.num_gpus,
-            "gpu_name": r.gpu_name,
-            "gpu_util": 0.0 if states["actual_status"] == "running" else None,
-            "disk_space": r.disk,
-            "dph_total": r.dph_total,
-            "start_date": r.created_at,
-            "end_date": r.created_at + 30 * 86_400,
-            "public_ipaddr": "203.0.113.7",
-            "ports": {},
-            "ssh_host": "ssh4.vast.ai",
-            "ssh_port": 30_000 + r.id % 1000,
-        } | self.row_overrides.get(r.id, {})
+        return (
+            {
+                "id": r.id,
+                "machine_id": r.machine_id,
+                "host_id": 4242,
+                **states,
+                "label": r.label,
+                "image_uuid": r.image,
+                "image_runtype": "ssh_direc ssh_proxy",
+                "onstart": r.onstart,
+                "extra_env": [[k, v] for k, v in r.env.items()],
+                "num_gpus": r.num_gpus,
+                "gpu_name": r.gpu_name,
+                "gpu_util": 0.0 if states["actual_status"] == "running" else None,
+                "disk_space": r.disk,
+                "dph_total": r.dph_total,
+                "start_date": r.created_at,
+                "end_date": r.created_at + 30 * 86_400,
+                "public_ipaddr": "203.0.113.7",
+                "ports": {},
+                "ssh_host": "ssh4.vast.ai",
+                "ssh_port": 30_000 + r.id % 1000,
+            }
+            | self._storage_fields(r)
+            | self.row_overrides.get(r.id, {})
+        )
+
+    def _storage_fields(self, r: Rental) -> dict[str, Any]:
+        if not self.list_storage_fields:
+            return {}
+        return {"storage_cost": round(r.storage_dph * 720.0 / r.disk, 6) if r.disk else 0.0}
 
     def _list(self, query: dict) -> tuple[int, Any]:
         filters = json.loads(query.get("select_filters") or "{}")
@@ -560,7 +703,30 @@ class VastStandin:
             self.ghost_destroys -= 1
             return 200, {"success": True}
         r.destroyed_at = self.clock.now()
+        if r.offer_id in self.offers:
+            self.offers[r.offer_id]["rented"] = False  # the machine is free again: its offer is back
         return 200, {"success": True}
+
+
+def _exited(actual_status: str | None, status_msg: str | None) -> dict[str, Any]:
+    return {
+        "actual_status": actual_status,
+        "cur_state": "running",
+        "next_state": "running",
+        "intended_status": "running",
+        "status_msg": status_msg,
+    }
+
+
+def _stopped(actual_status: str | None) -> dict[str, Any]:
+    """Outbid: stopped, whether it was running or still loading."""
+    return {
+        "actual_status": "stopped" if actual_status in ("running", "loading") else actual_status,
+        "cur_state": "stopped",
+        "next_state": "stopped",
+        "intended_status": "stopped",
+        "status_msg": None,
+    }
 
 
 def _kind(method: str, path: str) -> str:

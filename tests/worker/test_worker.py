@@ -4,7 +4,6 @@ outputs read back from storage, signals sent by PID."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import os
@@ -31,6 +30,7 @@ from gpuq.client import Client
 from gpuq.settings import Settings
 from tests.standins.comfyui import ComfyUIStandIn
 from tests.standins.supabase_storage import SupabaseStorageStandIn
+from tests.standins.tcp_proxy import TcpProxy
 from worker.config import ConfigError, WorkerSettings, parse_concurrency, parse_queues
 from worker.storage.supabase import SupabaseStorage
 
@@ -709,51 +709,6 @@ def test_a_worker_whose_manager_ticks_or_who_has_work_stays(
     # Then nothing comes: after the timeout it ends the machine.
     assert w.wait(30) == 0
     assert marker.exists()
-
-
-class TcpProxy:
-    """Forwards a local port to Postgres until cut: a database that goes away, for real sockets."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.socks: list[socket.socket] = []
-        self.cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.cut:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            if self.cut:  # accepted while being cut: refuse it like the rest
-                client.close()
-                return
-            upstream = socket.create_connection(self.target)
-            self.socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.cut = True
-        # close() alone would not wake the thread blocked in accept(): the socket would go on listening
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        for sock in self.socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def test_a_worker_that_loses_its_database_ends_its_machine(

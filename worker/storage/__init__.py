@@ -7,6 +7,10 @@
   region from AWS_REGION, credentials the standard AWS way.
 - `supabase://bucket/prefix`: `SupabaseStorage`; SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY.
 
+GPUQ_STORAGE_CREDENTIALS=instance (set by the manager on the hosts it rents when it issues credentials):
+S3 and Supabase storage use only this instance's own short-lived credentials, read from the database
+(worker/storage/credentials.py), never keys from the environment; Supabase needs SUPABASE_URL alone.
+
 Query options, both remote kinds: `public=true` (return a public URL instead of a signed one) and
 `expires_in=SECONDS` (signed URL lifetime); S3 only: `public_base_url=https://cdn.example.com/path`
 (implies public), for R2 public domains or a CDN in front of the bucket.
@@ -19,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from gpuq.settings import parse_bool
 from worker.storage.base import Storage
+from worker.storage.credentials import InstanceCredentials
 from worker.storage.local import DEFAULT_DIR, LocalStorage, local_path_from_url
 
 __all__ = ["Storage", "storage_from_url"]
@@ -39,6 +44,10 @@ def storage_from_url(url: str) -> Storage:
         raise ValueError(f"storage URL names no bucket: {url}")
     public = parse_bool(query, "public", False)  # a typo is an error, not "private"
     expires = int(query["expires_in"]) if "expires_in" in query else None
+    mode = (os.environ.get("GPUQ_STORAGE_CREDENTIALS") or "environment").strip().lower()
+    if mode not in ("instance", "environment"):
+        raise ValueError(f"GPUQ_STORAGE_CREDENTIALS must be instance or environment, got {mode!r}")
+    own = InstanceCredentials(parts.scheme) if mode == "instance" else None
 
     if parts.scheme == "s3":
         from worker.storage.s3 import MAX_PRESIGN_SECONDS, S3Storage
@@ -50,16 +59,23 @@ def storage_from_url(url: str) -> Storage:
             public=public,
             public_base_url=query.get("public_base_url"),
             expires_in=expires or MAX_PRESIGN_SECONDS,
+            credentials=own,
         )
     if parts.scheme == "supabase":
         from worker.storage.supabase import DEFAULT_EXPIRES_S, SupabaseStorage
 
         supabase_url = os.environ.get("SUPABASE_URL")
-        key = os.environ.get("SUPABASE_SERVICE_ROLE_KEY")
-        if not supabase_url or not key:
+        key = None if own else os.environ.get("SUPABASE_SERVICE_ROLE_KEY")
+        if not supabase_url or not (key or own):
             raise ValueError("supabase:// storage needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
         return SupabaseStorage(
-            supabase_url, key, bucket, prefix, public=public, expires_in=expires or DEFAULT_EXPIRES_S
+            supabase_url,
+            key,
+            bucket,
+            prefix,
+            public=public,
+            expires_in=expires or DEFAULT_EXPIRES_S,
+            credentials=own,
         )
     raise ValueError(
         f"unknown storage URL scheme {parts.scheme!r} (use a path, file://, s3:// or supabase://)"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from gpuq.client import IssuedCredentials
 from worker.errors import ErrorCode, JobError
 
 DEFAULT_DIR = Path(".gpuq/outputs")
@@ -118,3 +119,6 @@ class LocalStorage:
 
     def get(self, url: str, dest: Path, max_bytes: int) -> Path:
         return copy_local(local_path_from_url(url), dest, max_bytes)
+
+    def use_instance_credentials(self, fetch: Callable[[str], IssuedCredentials | None]) -> None:
+        pass  # a local directory needs none

@@ -1,11 +1,17 @@
 """Supabase Storage through supabase-py's storage client (storage3).
 
-Authenticates with the service role key, which bypasses row-level security; the key is never logged.
-Uploads upsert, so a retried job overwrites its earlier attempt's output under the same key.
+Authenticates with a key, or, on a host the manager rented with Supabase tokens configured, with the
+instance's own short-lived JWT (role gpuq_storage_worker: sql/supabase/storage_policies.sql lets it write
+only under its queues' folders of the output bucket and read the input buckets), read from the database
+and renewed without a restart (worker/storage/credentials.py); the project's public anon (publishable)
+key goes with it as `apiKey`. A service-role key bypasses row-level security and never goes to a rented
+host. Keys and tokens are never logged. Uploads upsert, so a retried job overwrites its earlier attempt's
+output under the same key.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -16,6 +22,7 @@ from storage3.utils import StorageException
 from supabase import ClientOptions, create_client
 
 from worker.errors import ErrorCode, JobError
+from worker.storage.credentials import CredentialsFetch, CredentialsUnavailable, InstanceCredentials
 
 # Supabase signs with a JWT that has no hard upper limit; a week matches S3's limit.
 DEFAULT_EXPIRES_S = 7 * 24 * 3600
@@ -42,41 +49,70 @@ class SupabaseStorage:
     def __init__(
         self,
         url: str,
-        key: str,
+        key: str | None,
         bucket: str,
         prefix: str = "",
         *,
         public: bool = False,
         expires_in: int = DEFAULT_EXPIRES_S,
+        credentials: InstanceCredentials | None = None,
     ) -> None:
+        """With `credentials`, the instance's own tokens are used and `key` is not (give None)."""
+        self.url = url
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.public = public
         self.expires_in = expires_in
+        self.credentials = credentials
         # Our own httpx client sets the timeouts (supabase-py's timeout arguments are deprecated).
-        http = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True)
-        self.storage: Any = create_client(url, key, ClientOptions(httpx_client=http)).storage
+        self._http = httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=True)
+        self._lock = threading.Lock()
+        self._token: str | None = None  # the instance token self._storage was made with
+        self._storage: Any = None
+        if credentials is None:
+            if not key:
+                raise ValueError("SupabaseStorage needs a key, or instance credentials")
+            self._storage = create_client(url, key, ClientOptions(httpx_client=self._http)).storage
+
+    def use_instance_credentials(self, fetch: CredentialsFetch) -> None:
+        """Read this instance's token with `fetch` (the worker, once registered); a storage with a key
+        ignores it."""
+        if self.credentials is not None:
+            self.credentials.bind(fetch)
+
+    def _api(self) -> Any:
+        """The storage client, with the instance's current token where it has one (a new client each time
+        the token is renewed; raises CredentialsUnavailable)."""
+        if self.credentials is None:
+            return self._storage
+        issued = self.credentials.current()
+        token, apikey = issued.values["token"], issued.values["apikey"]
+        with self._lock:
+            if token != self._token:
+                options = ClientOptions(httpx_client=self._http, headers={"Authorization": f"Bearer {token}"})
+                self._storage, self._token = create_client(self.url, apikey, options).storage, token
+            return self._storage
 
     def full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, path: Path, content_type: str) -> str:
         full_key = self.full_key(key)
-        bucket = self.storage.from_(self.bucket)
         try:
+            bucket = self._api().from_(self.bucket)
             bucket.upload(full_key, path, {"content-type": content_type, "upsert": "true"})
             if self.public:
                 return bucket.get_public_url(full_key)
             return bucket.create_signed_url(full_key, self.expires_in)["signedURL"]
-        except (StorageException, httpx.HTTPError, OSError, ValueError) as e:
+        except (StorageException, httpx.HTTPError, OSError, ValueError, CredentialsUnavailable) as e:
             raise JobError(
                 ErrorCode.UPLOAD_FAILED, f"uploading supabase://{self.bucket}/{full_key}: {e}"
             ) from e
 
     def get(self, url: str, dest: Path, max_bytes: int) -> Path:
         bucket_name, path = split_supabase_url(url)
-        bucket = self.storage.from_(bucket_name)
         try:
+            bucket = self._api().from_(bucket_name)
             # download() reads the whole object into memory, so check the size first.
             size = bucket.info(path).get("size")
             if isinstance(size, int) and size > max_bytes:
@@ -88,7 +124,7 @@ class SupabaseStorage:
                 raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"fetching {url}: {e.message}") from e
             # not found, no such bucket, access denied: the payload names something we cannot read
             raise JobError(ErrorCode.INPUT_INVALID, f"fetching {url}: {e.message} ({status})") from e
-        except (StorageException, httpx.HTTPError) as e:
+        except (StorageException, httpx.HTTPError, CredentialsUnavailable) as e:
             raise JobError(ErrorCode.INPUT_FETCH_FAILED, f"fetching {url}: {e}") from e
         except ValueError as e:  # dot segments in the path
             raise JobError(ErrorCode.INPUT_INVALID, f"{url}: {e}") from e
