@@ -259,6 +259,17 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from gpuq.dashboard.board import Budget  # the web stack: only the dashboard needs it
+    from gpuq.dashboard.server import DashboardSettings, serve
+    from manager.config import ManagerSettings
+
+    budget = Budget.of(ManagerSettings.from_env().policy)  # the caps the page holds spend against
+    with open_client(settings) as client:  # migrates the embedded default; checks a real database
+        url = client.url
+    return serve(url, settings, budget, DashboardSettings.from_env(host=args.host, port=args.port))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from manager.demo import run_demo  # Pillow and the providers: only the demo needs them here
 
@@ -344,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("manager", manager_cli.run, "rent and destroy instances: tick, run, status, simulate")
     manager_cli.add_arguments(p)
+
+    p = command(
+        "dashboard", cmd_dashboard, "serve the operators' live page: queues, fleet, jobs, money, controls"
+    )
+    p.add_argument("--host", help="interface to serve on (GPUQ_DASHBOARD_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (GPUQ_DASHBOARD_PORT, default 8090)")
 
     p = command(
         "demo", cmd_demo, "the whole thing on this machine: enqueue, workers start, outputs, workers stop"

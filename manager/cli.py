@@ -76,6 +76,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if command == "tick":
             result = tick(manager, dry_run=args.dry_run)
             return 1 if result.errors or result.reconcile.unverified else 0
+        from gpuq.dashboard.server import start_beside_manager  # serves when GPUQ_DASHBOARD_PORT is set
+
+        start_beside_manager(client.url, settings, ms.policy)
         return _loop(manager, args.dry_run, args.ticks, stop)
     finally:
         (manager.client if manager is not None else client).close()  # run may have reconnected

@@ -16,6 +16,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from gpuq.client import FINISHED, Client, open_client
+from gpuq.dashboard.board import Budget
+from gpuq.dashboard.server import Background, DashboardSettings, start_background
 from gpuq.settings import Settings
 from manager.cli import build_providers
 from manager.config import ManagerSettings, from_dict
@@ -103,8 +105,10 @@ def run_demo(
 ) -> int:
     client = open_client(settings)
     logging.getLogger("gpuq.manager").addFilter(_QuietIdleTicks())
+    dashboard = None
     try:
         ms = demo_settings(settings.data_dir, idle_timeout_s)
+        dashboard = _dashboard(client.url, settings, ms)
         providers = build_providers(ms, client.url, settings)
         manager = Manager(client, ms, providers, Metrics())
         inputs = make_inputs(settings.data_dir / INPUTS_DIR, 3)
@@ -141,4 +145,19 @@ def run_demo(
         if local is not None:
             for worker in local.list_instances(ms.label_prefix):
                 local.destroy(worker.provider_id)
+        if dashboard is not None:
+            dashboard.stop()
         client.close()
+
+
+def _dashboard(url: str, settings: Settings, ms: ManagerSettings) -> Background | None:
+    """The dashboard while the demo runs (GPUQ_DASHBOARD_PORT, or any free port), its URL printed."""
+    try:
+        dashboard = start_background(
+            url, settings, Budget.of(ms.policy), DashboardSettings.from_env(), any_port=True
+        )
+    except OSError as e:  # the demo does not need it
+        print(f"(no dashboard: {e})")
+        return None
+    print(f"watch it live: {dashboard.url}  (afterwards: gpuq dashboard)", flush=True)
+    return dashboard

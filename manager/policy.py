@@ -118,6 +118,7 @@ class QueueSnapshot:
     last_rent_at: datetime | None = None  # the queue's latest rent, for the scale-in cooldown
     # Measured from finished jobs of this queue: GPU name -> jobs per busy hour.
     throughput: Mapping[str, float] = field(default_factory=dict)
+    paused: bool = False  # an operator paused the queue (gpuq.pause_queue): nothing is claimed or rented
 
 
 @dataclass(frozen=True)
@@ -502,6 +503,8 @@ def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> 
 
 
 def instances_needed(snap: QueueSnapshot, policy: QueuePolicy) -> int:
+    if snap.paused:  # rent nothing for it; what it has idles out (the idle timeout), busy ones finish
+        return 0
     by_backlog = math.ceil((snap.queued + snap.running) / policy.target_jobs_per_instance)
     # With nothing queued or running the idle timeout alone decides how long to stay warm.
     busy_now = snap.queued + snap.running > 0

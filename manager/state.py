@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gpuq.client import Client
@@ -87,6 +87,10 @@ def read_snapshot(client: Client, budget_tz: str, label_prefix: str, *, other_dp
         )
         for r in client.call("select * from gpuq.manager_queues()")
     ]
+    # A paused queue rents nothing (the policy reads `paused`), even one with no jobs and min_instances set.
+    paused = {r["queue"] for r in client.call("select queue from gpuq.paused_queues()")}
+    queues = [replace(q, paused=q.name in paused) for q in queues]
+    queues += [QueueSnapshot(name, 0, 0, paused=True) for name in sorted(paused - {q.name for q in queues})]
     instances = managed_instances(client, label_prefix)
     today = client.call("select gpuq.spend_today(%s) as usd", (budget_tz,))[0]["usd"]
     avoided = frozenset(r["m"] for r in client.call("select gpuq.avoided_machine_ids() as m"))

@@ -28,6 +28,7 @@ def test_demo_runs_jobs_from_insert_to_output_files_and_stops_the_workers(tmp_pa
     outputs = re.findall(r"job (\d+) succeeded: file://(\S+)", done.stdout)
     assert len(outputs) == 4
     assert "the manager stopped the idle workers" in done.stdout
+    assert re.search(r"watch it live: http://127\.0\.0\.1:\d+/", done.stdout)  # the dashboard, while it runs
     assert "started worker" in done.stderr  # workers were started on demand
 
     # job 1 inverts input-0: the output is exactly its negative
