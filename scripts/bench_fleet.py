@@ -109,7 +109,8 @@ def pgbouncer(url: str, pool_size: int, max_clients: int) -> Iterator[tuple[str,
         f"max_client_conn = {max_clients}\ndefault_pool_size = {pool_size}\nlisten_backlog = 4096\n"
     )
     ini.chmod(0o644)
-    proc = subprocess.Popen([binary, "-u", "postgres", str(ini)], stderr=subprocess.PIPE)
+    # its log goes to the logfile; a pipe nobody reads would fill and stall it (after ~490 logins)
+    proc = subprocess.Popen([binary, "-u", "postgres", str(ini)], stderr=subprocess.DEVNULL)
     pooled = f"postgresql://postgres@127.0.0.1:{port}/gpuq"
     deadline = time.monotonic() + 10
     while True:
