@@ -46,7 +46,7 @@ def pooled_url(db_url: str) -> Iterator[str]:
         "max_client_conn = 50\ndefault_pool_size = 4\n"
     )
     ini.chmod(0o644)
-    proc = subprocess.Popen([binary, "-u", "postgres", str(ini)], stderr=subprocess.DEVNULL)  # logs to its file
+    proc = subprocess.Popen([binary, "-u", "postgres", str(ini)], stderr=subprocess.DEVNULL)
     url = f"postgresql://postgres@127.0.0.1:{port}/gpuq"
     deadline = time.monotonic() + 10
     while True:
