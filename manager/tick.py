@@ -247,26 +247,21 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         provider_id = provider.create(offer, spec)
         # A crash between create and this record leaves an orphan: the next tick destroys it by label
         # (its secret was never recorded, so its worker cannot touch a job meanwhile).
-        client.call(
-            "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
-            "%s::text[], %s, %s::int, %s)",
-            (
-                offer.provider,
-                provider_id,
-                offer.offer_id,
-                offer.machine_id,
-                s.label(action.queue),
-                offer.gpu_name,
-                offer.num_gpus,
-                offer.vram_mb,
-                offer.dph,
-                offer.interruptible,
-                [action.queue],
-                action.reason,
-                launch.concurrency,
-                secret_hash(secret),
-            ),
-        )
+        try:
+            _record_rent(m, action, provider_id, secret)
+        except Exception as exc:
+            # Not on the books (the database refused or did not answer): it must not bill unseen until a
+            # later tick finds it. Destroy it now; if that is unconfirmed, the next tick destroys it by label.
+            _, still = destroy_verified(provider, [provider_id], s.label_prefix)
+            outcome = (
+                "destroy not confirmed: the next tick destroys it as an orphan" if still else "destroyed it"
+            )
+            log.error(
+                "rented %s %s but could not record it (%s); %s", offer.provider, provider_id, exc, outcome
+            )
+            raise ProviderError(
+                f"rented {offer.provider} {provider_id} but could not record it ({exc}); {outcome}"
+            ) from exc
         result.rented.append(f"{offer.provider}:{provider_id}")
         _say(m, result, f"{action.reason} -> {offer.provider} instance {provider_id}")
     elif isinstance(action, Drain):
@@ -315,6 +310,32 @@ def _renew_credentials(m: Manager, result: TickResult) -> None:
     assert m.credentials is not None
     _, errors = m.credentials.renew(m.client)
     result.errors += errors
+
+
+def _record_rent(m: Manager, action: Rent, provider_id: str, secret: str) -> None:
+    """The rent on the books: its price, what it serves, how many jobs at once, its secret's hash."""
+    s, offer = m.settings, action.offer
+    launch = s.launch[action.queue]
+    m.client.call(
+        "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
+        "%s::text[], %s, %s::int, %s)",
+        (
+            offer.provider,
+            provider_id,
+            offer.offer_id,
+            offer.machine_id,
+            s.label(action.queue),
+            offer.gpu_name,
+            offer.num_gpus,
+            offer.vram_mb,
+            offer.dph,
+            offer.interruptible,
+            [action.queue],
+            action.reason,
+            launch.concurrency,
+            secret_hash(secret),
+        ),
+    )
 
 
 def _reason(action: Action) -> str:

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +21,7 @@ from manager.policy import Rent
 from manager.providers.base import LaunchSpec
 from manager.providers.vast import VastProvider
 from manager.tick import Manager, tick
+from tests.conftest import ADMIN_URL
 from tests.manager.conftest import VAST_KEY
 from tests.standins.vast_server import VastStandin
 
@@ -199,6 +201,30 @@ def test_a_failed_create_that_still_left_an_instance_is_destroyed_even_when_dest
         "rented",
         "destroyed",
     ]
+
+
+@pytest.mark.usefixtures("env")
+def test_a_rent_the_database_did_not_record_is_destroyed_in_the_same_tick(
+    db: Client, vast: VastProvider, standin: VastStandin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database goes away between the provider's answer and the record (here: the manager's connection
+    is cut inside the create call). Unrecorded, the machine would bill unseen until a later tick found it
+    by label: it is destroyed at once instead."""
+    standin.add_offer()
+    enqueue(db, 1)
+    backend = db.conn.info.backend_pid
+
+    def cut_the_managers_connection(rental: Any) -> None:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (backend,))
+
+    standin.on_create = cut_the_managers_connection
+    with caplog.at_level("ERROR", logger="gpuq.manager"), pytest.raises(psycopg.OperationalError):
+        tick(manager(db, vast))  # the rest of the tick fails on the dead connection, as it must
+    assert len(standin.rentals) == 1 and our_live(standin) == {}
+    assert "could not record it (terminating connection" in caplog.text and "destroyed it" in caplog.text
+    with Client.connect(db.url, db.settings) as fresh:
+        assert fresh.call("select count(*) as n from gpuq.instances")[0]["n"] == 0
 
 
 @pytest.mark.usefixtures("env")
