@@ -268,8 +268,8 @@ def fleet_run(admin_url: str, n: int, pooled: bool, args: argparse.Namespace) ->
             peak = [0]
             sampling = threading.Event()
 
-            def sample() -> None:
-                with psycopg.connect(url, autocommit=True) as c:
+            def sample() -> None:  # not counted in the backends' CPU (its own queries are not the fleet's)
+                with psycopg.connect(url, autocommit=True, application_name="bench sampler") as c:
                     while not sampling.is_set():
                         row = c.execute(
                             "select count(*) from pg_stat_activity where datname = current_database()"
@@ -325,8 +325,8 @@ def tick_sql(admin_url: str, instances: int, jobs: int) -> None:
     with database(admin_url) as url, psycopg.connect(url, autocommit=True) as conn:
         t0 = time.monotonic()
         conn.execute(
-            """select gpuq.record_rent('vast', 'p' || g, 'o' || g, 'm' || g, 'gpuq:bench:' || (g % 3),
-                                       'RTX 4090', 1, 24000, 0.35, true, array['q' || (g % 3)], 'bench', 1,
+            """select gpuq.record_rent('vast', 'p' || g, 'o' || g, 'm' || g, 'gpuq:bench:' || (g %% 3),
+                                       'RTX 4090', 1, 24000, 0.35, true, array['q' || (g %% 3)], 'bench', 1,
                                        sha256(('s' || g)::bytea))
                  from generate_series(1, %s) g""",
             (instances,),
@@ -335,7 +335,7 @@ def tick_sql(admin_url: str, instances: int, jobs: int) -> None:
         conn.execute(
             """insert into gpuq.jobs (queue, status, attempt, instance_id, started_at, finished_at, result,
                                       created_at, run_after)
-               select 'q' || (g % 3), 'succeeded', 1, 1 + g % %s, t, t + interval '20 seconds', '{}', t, t
+               select 'q' || (g %% 3), 'succeeded', 1, 1 + g %% %s, t, t + interval '20 seconds', '{}', t, t
                  from (select g, now() - random() * interval '7 days' as t
                          from generate_series(1, %s) g) as x""",
             (instances, jobs),

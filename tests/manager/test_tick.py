@@ -337,6 +337,24 @@ def test_snapshot_counts_arrivals_over_an_hour_and_load_over_its_window(db: Clie
     assert longer["arrivals_per_hour"] == pytest.approx(2.5)  # all 5 over 2 hours
 
 
+def test_arrivals_count_every_job_created_in_the_hour_whatever_became_of_it(db: Client) -> None:
+    """manager_queues() finds the hour's arrivals through indexes (queued, running, finished since): each
+    kind is counted, and a job created earlier is not, however recently it finished."""
+    inst = db.as_instance(db.enroll(["arr"], max_concurrency=10)[1])
+    old_done, done, running, _queued, old_queued = enqueue(db, 5, queue="arr")
+    db.conn.execute(
+        "update gpuq.jobs set created_at = now() - interval '2 hours' where id = any(%s)",
+        ([old_done, old_queued],),
+    )
+    jobs = {j.id: j for j in inst.claim(["arr"], 3)}  # the three oldest: old_done, done, running
+    assert set(jobs) == {old_done, done, running}
+    for job_id in (old_done, done):
+        inst.complete(job_id, jobs[job_id].lease_token)  # type: ignore[arg-type]
+    (q,) = [r for r in db.call("select * from gpuq.manager_queues()") if r["queue"] == "arr"]
+    assert q["arrivals_per_hour"] == pytest.approx(3.0)  # done, running, queued
+    assert (q["queued"], q["running"]) == (2, 1)
+
+
 # ----------------------------------------------------------------------------------------------- money
 
 
