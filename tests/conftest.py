@@ -106,3 +106,14 @@ def moto_url() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_login(db_url: str) -> Iterator[str]:
+    """A login role in gpuq_worker, as a rented host gets it; its database URL."""
+    role = f"gpuq_test_host_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"create role {role} login in role gpuq_worker")
+    yield make_conninfo(db_url, user=role)
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"drop role {role}")

@@ -4,31 +4,19 @@ would make them: logged in as a real member of gpuq_worker, holding its own inst
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from gpuq.client import Client, InstanceClient, InvalidRequest, IssuedCredentials, JobNotFound, NotAuthorized
 from gpuq.settings import Settings
-from tests.conftest import ADMIN_URL, enroll
+from tests.conftest import enroll
 
 LABEL = "gpuq:test:q"
 KEYS = {"access_key_id": "ASIAEXAMPLE", "secret_access_key": "s3cr3t-of-instance", "session_token": "tok"}
-
-
-@pytest.fixture(scope="module")
-def worker_login(db_url: str) -> Iterator[str]:
-    role = f"gpuq_test_creds_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"create role {role} login in role gpuq_worker")
-    yield make_conninfo(db_url, user=role)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"drop role {role}")
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ holds what a host can read: the shared worker login and its own instance's secre
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from gpuq.client import (
     Client,
@@ -30,17 +27,6 @@ from gpuq.client import (
 from gpuq.migrate import load_migrations, migrate
 from gpuq.settings import Settings
 from tests.conftest import ADMIN_URL, create_database, drop_database, enroll
-
-
-@pytest.fixture(scope="module")
-def worker_login(db_url: str) -> Iterator[str]:
-    """A login role in gpuq_worker, as a rented host gets it; its database URL."""
-    role = f"gpuq_test_host_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"create role {role} login in role gpuq_worker")
-    yield make_conninfo(db_url, user=role)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"drop role {role}")
 
 
 @pytest.fixture
