@@ -19,6 +19,7 @@ import psycopg
 from gpuq.client import Client, open_client
 from gpuq.db import set_deadline
 from gpuq.settings import Settings
+from manager import simulate
 from manager.config import ManagerSettings
 from manager.metrics import Metrics
 from manager.preflight import check_before_renting
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", help="instances, spend per day and per instance")
     p.add_argument("--days", type=int, default=7, help="days of spend to show (default 7)")
     p = sub.add_parser("simulate", help="replay workload traces through the policy (see manager/simulate.py)")
-    p.add_argument("simulate_args", nargs=argparse.REMAINDER, help="arguments for the simulator")
+    simulate.add_arguments(p)
 
 
 def build_providers(ms: ManagerSettings, db_url: str, settings: Settings) -> dict[str, Provider]:
@@ -59,9 +60,7 @@ def build_providers(ms: ManagerSettings, db_url: str, settings: Settings) -> dic
 def run(args: argparse.Namespace, settings: Settings) -> int:
     command = args.manager_command
     if command == "simulate":
-        from manager.simulate import main as simulate_main
-
-        return int(simulate_main(list(args.simulate_args)) or 0)
+        return simulate.run(args)
     ms = ManagerSettings.from_env()
     stop = _stop_on_signals() if command == "run" else None
     client = _open(settings, ms, stop)

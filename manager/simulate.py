@@ -941,13 +941,15 @@ def format_table(reports: list[tuple[SimReport, SimReport]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpuq simulate", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulator's options; `gpuq manager simulate` and `python -m manager.simulate` both mount them."""
     parser.add_argument("traces", nargs="*", help="trace names or JSON files (default: the shipped ones)")
     parser.add_argument("--seed", type=int, default=0, help="dispatch randomness")
     parser.add_argument("--log", action="store_true", help="print gpuq's actions with their reasons")
     parser.add_argument("--write-traces", action="store_true", help="regenerate the shipped traces")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.write_traces:
         write_traces()
         print(f"wrote {', '.join(SHIPPED)} to {TRACES_DIR}")
@@ -965,6 +967,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(sim.log))
     print(format_table(reports))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m manager.simulate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
