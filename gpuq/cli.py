@@ -1,42 +1,93 @@
 """The `gpuq` command: one entry point for apps' operators, the worker and the manager.
 
-With no DATABASE_URL it starts an embedded Postgres under GPUQ_DATA_DIR (default ./.gpuq) and migrates it.
+With no DATABASE_URL it starts an embedded Postgres under gpuq's data directory (gpuq.settings) and
+migrates it. Errors are one line, exit codes the same in every command (gpuq.output).
 """
+
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: `eval "$(register-python-argcomplete gpuq)"` completes commands)
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 
 from gpuq import __version__
-from gpuq.client import GpuqError, Job, open_client
+from gpuq.client import FINISHED, GpuqError, Job, open_client
 from gpuq.db import connect, database_url, redact
 from gpuq.migrate import MigrationError, migrate
-from gpuq.settings import Settings
+from gpuq.output import (
+    FAILED,
+    INTERRUPTED,
+    UNREACHABLE,
+    USAGE,
+    CommandError,
+    clean,
+    fmt,
+    one_line,
+    print_json,
+    print_table,
+    progress_bar,
+)
+from gpuq.settings import Settings, data_dir_from_env
 from manager import cli as manager_cli
 from worker import cli as worker_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line that says where help is (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '7d', '2h' or plain seconds -> seconds."""
+    """'90s', '15m', '7d', '2h' or plain seconds -> seconds (never negative)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)") from None
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r} (e.g. 10m from now)")
+    return seconds
+
+
+# Options whose value is a duration: `--delay -5m` must reach parse_duration (and its clear error), not
+# be taken by argparse for an unknown option.
+DURATION_OPTIONS = ("--delay", "--timeout", "--wait-timeout", "--older-than", "--valid-for", "--idle-timeout")
+_NEGATIVE = re.compile(r"-\.?\d")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--delay -5m` -> `--delay=-5m` for the duration options (before any `--`)."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if arg in DURATION_OPTIONS and i + 1 < len(args) and _NEGATIVE.match(args[i + 1]):
+            out.append(f"{arg}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def read_payload(text: str | None) -> dict[str, Any]:
@@ -45,51 +96,45 @@ def read_payload(text: str | None) -> dict[str, Any]:
     if text == "-":
         text = sys.stdin.read()
     elif text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read the payload file {text[1:]}: {exc.strerror or exc}") from None
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"gpuq: the payload is not valid JSON: {exc}") from None
+        raise CommandError(f"the payload is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
-        raise SystemExit(f"gpuq: the payload must be a JSON object, got {type(payload).__name__}")
+        raise CommandError(f"the payload must be a JSON object, got {type(payload).__name__}")
     return payload
 
 
-# Terminal control characters (C0, DEL, C1) and the bidirectional overrides that reorder what is shown:
-# stored text (a worker's error or progress message) must not move the cursor, retitle the terminal or
-# hide what follows when printed. They are shown escaped instead.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A column the database refuses -> the option a user gives it with.
+OPTION_OF = {
+    "queue": "the queue name",
+    "priority": "--priority",
+    "max_attempts": "--max-attempts",
+    "timeout_seconds": "--timeout (in seconds)",
+    "min_vram_mb": "--min-vram-mb",
+    "idempotency_key": "--key",
+    "payload": "the payload",
+}
+_CONSTRAINT = re.compile(r'violates (?:check|not-null|unique) constraint "?(\w+)"?')
 
 
-def clean(text: str) -> str:
-    """`text` fit for a terminal: each control character shown as its escape (\\x1b, \\n, \\u202e)."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-def fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, timedelta):
-        return f"{value.total_seconds():.3f}s"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict | list):
-        return json.dumps(value)
-    return clean(str(value))
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
-    if not rows:
-        print("(none)")
-        return
-    columns = list(columns or rows[0].keys())
-    cells = [[fmt(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+def in_user_words(message: str) -> str:
+    """A refusal from the database in the user's terms: a check constraint's name (which says what is
+    wrong, e.g. max_attempts_must_be_between_1_and_100) as words naming the option; a function
+    argument (p_older_than) without its prefix."""
+    match = _CONSTRAINT.search(message) or re.fullmatch(r".*\((\w+_must_\w+)\)", message)
+    if match:
+        name = match[1]
+        for column, option in OPTION_OF.items():
+            if name.startswith(column + "_must_"):
+                rule = name[len(column) + 1 :].replace("_", " ").replace("minus ", "-")
+                return f"{option} {rule}"
+        return name.replace("_", " ").replace("minus ", "-")
+    return re.sub(r"\bp_(\w+)", lambda m: m[1].replace("_", " "), message)
 
 
 def describe(job: Job) -> str:
@@ -103,10 +148,20 @@ def describe(job: Job) -> str:
     return clean(line)
 
 
+def job_json(job: Job) -> dict[str, Any]:
+    """A job for `--json`: every column but the lease token (the running worker's, not for scripts)."""
+    return {k: v for k, v in job.__dict__.items() if k != "lease_token"}
+
+
+def data_dir_line(settings: Settings) -> str:
+    return f"data directory {settings.data_dir} ({settings.data_dir_source})"
+
+
 # --- commands -------------------------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    print(data_dir_line(settings))
     url = database_url(settings)
     with connect(url, settings) as conn:
         applied = migrate(conn)
@@ -117,10 +172,11 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    payload = read_payload(args.payload)  # before connecting: a bad payload costs nothing
     with open_client(settings) as client:
         job_id = client.enqueue(
             args.queue,
-            read_payload(args.payload),
+            payload,
             priority=args.priority,
             run_after=datetime.now().astimezone() + timedelta(seconds=args.delay) if args.delay else None,
             max_attempts=args.max_attempts,
@@ -128,67 +184,90 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             min_vram_mb=args.min_vram_mb,
             idempotency_key=args.key,
         )
-        print(job_id)
+        print(job_id, flush=True)
         if not args.wait:
             return 0
-        job = client.wait(
-            job_id, timeout=args.wait_timeout, on_progress=lambda j: print(describe(j), flush=True)
-        )
+        with progress_bar(f"job {job_id}", 100) as bar:
+
+            def on_progress(job: Job) -> None:
+                bar.update(job.progress or (100 if job.status == "succeeded" else 0), describe(job))
+                bar.print(describe(job))
+
+            try:
+                job = client.wait(job_id, timeout=args.wait_timeout, on_progress=on_progress)
+            except TimeoutError:
+                now = client.get(job_id).status
+                raise CommandError(
+                    f"job {job_id} is still {now} after --wait-timeout {args.wait_timeout:g} s; it goes on "
+                    f"(`gpuq show {job_id}`, `gpuq cancel {job_id}`)",
+                    FAILED,
+                ) from None
         if job.result:
             print(json.dumps(job.result, indent=2))
-        return 0 if job.status == "succeeded" else 1
+        return 0 if job.status == "succeeded" else FAILED
+
+
+HISTORY_COLUMNS = [
+    "attempt",
+    "event",
+    "at",
+    "instance_id",
+    "gpu_name",
+    "run_seconds",
+    "cost_usd",
+    "error_code",
+    "message",
+]
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     with open_client(settings) as client:
         job = client.get(args.job_id)
-        for key, value in job.__dict__.items():
-            print(f"{key:20} {fmt(value)}")
-        print("\nhistory:")
-        print_table(
-            client.history(args.job_id),
-            [
-                "attempt",
-                "event",
-                "at",
-                "instance_id",
-                "gpu_name",
-                "run_seconds",
-                "cost_usd",
-                "error_code",
-                "message",
-            ],
-        )
+        history = client.history(args.job_id)
+    if args.json:
+        print_json({**job_json(job), "history": history})
+        return 0
+    for key, value in job.__dict__.items():
+        print(f"{key:20} {fmt(value)}")
+    print("\nhistory:")
+    print_table(history, HISTORY_COLUMNS)
     return 0
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    if args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, got {args.limit}")
     with open_client(settings) as client:
         jobs = client.list_jobs(queue=args.queue, status=args.status, limit=args.limit)
-        print_table(
-            [j.__dict__ for j in jobs],
-            [
-                "id",
-                "queue",
-                "status",
-                "priority",
-                "attempt",
-                "progress",
-                "created_at",
-                "finished_at",
-                "error_code",
-            ],
-        )
+    if args.json:
+        print_json([job_json(j) for j in jobs])
+        return 0
+    print_table(
+        [j.__dict__ for j in jobs],
+        [
+            "id",
+            "queue",
+            "status",
+            "priority",
+            "attempt",
+            "progress",
+            "created_at",
+            "finished_at",
+            "error_code",
+        ],
+    )
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     with open_client(settings) as client:
+        before = client.get(args.job_id).status
+        if before in FINISHED:
+            raise CommandError(f"job {args.job_id} already {before}; nothing to cancel", FAILED)
         status = client.cancel(args.job_id)
-        print(
-            f"job {args.job_id}: "
-            + ("cancellation requested from its worker" if status == "running" else status)
-        )
+    print(
+        f"job {args.job_id}: " + ("cancellation requested from its worker" if status == "running" else status)
+    )
     return 0
 
 
@@ -199,14 +278,35 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def check_time_zone(name: str) -> str:
+    """An IANA time zone name, checked here so a typo is one line, not the database's error."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown time zone {name!r} (use an IANA name such as UTC or Europe/Madrid)"
+        ) from None
+    return name
+
+
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     with open_client(settings) as client:
-        print("queues  (select * from gpuq.queue_stats())")
-        print_table(client.queue_stats())
-        print("\ninstances  (select * from gpuq.instance_stats())")
-        print_table(client.instance_stats(args.tz))
-        print("\nfailures, last 24 h  (select * from gpuq.failure_stats())")
-        print_table(client.failure_stats())
+        stats = {
+            "queues": client.queue_stats(),
+            "instances": client.instance_stats(args.tz),
+            "failures": client.failure_stats(),
+        }
+    if args.json:
+        print_json(stats)
+        return 0
+    print("queues  (select * from gpuq.queue_stats())")
+    print_table(stats["queues"])
+    print("\ninstances  (select * from gpuq.instance_stats())")
+    print_table(stats["instances"])
+    print("\nfailures, last 24 h  (select * from gpuq.failure_stats())")
+    print_table(stats["failures"])
     return 0
 
 
@@ -228,8 +328,8 @@ def cmd_enroll(args: argparse.Namespace, settings: Settings) -> int:
                 valid_for_seconds=args.valid_for,
             )
         except psycopg.errors.InsufficientPrivilege:
-            raise SystemExit(
-                "gpuq: this database login may not enroll instances (it needs gpuq_manager)"
+            raise CommandError(
+                "this database login may not enroll instances (it needs gpuq_manager)"
             ) from None
     print(
         f"instance {instance_id} serves {', '.join(queues)} ({args.concurrency} job(s) at once, "
@@ -252,8 +352,8 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
                 ]
             )
         except psycopg.errors.InsufficientPrivilege:
-            raise SystemExit(
-                "gpuq: this database login may not revoke instances (it needs gpuq_manager)"
+            raise CommandError(
+                "this database login may not revoke instances (it needs gpuq_manager)"
             ) from None
     print(f"instance {args.instance_id}: revoked; {n} job(s) back in the queue")
     return 0
@@ -273,16 +373,21 @@ def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from manager.demo import run_demo  # Pillow and the providers: only the demo needs them here
 
+    print(data_dir_line(settings), flush=True)
     return run_demo(settings, jobs=args.jobs, idle_timeout_s=args.idle_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpuq",
         description="GPU inference jobs as rows in Postgres. With no DATABASE_URL, an embedded Postgres "
-        "under GPUQ_DATA_DIR (./.gpuq) is started and used.",
+        "under the data directory (GPUQ_DATA_DIR, else ./.gpuq if present, else ~/.local/share/gpuq) is "
+        "started and used. Exit codes: 0 done, 1 the job or goal did not succeed, 2 bad usage or input, "
+        "3 cannot reach what it needs, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"gpuq {__version__}")
+    parser.add_argument(
+        "--version", action=VersionAction, help="print the version, the data directory and the database"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -315,11 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("show", cmd_show, "show a job, its result and its history (attempts, instances, cost)")
     p.add_argument("job_id", type=int)
+    p.add_argument("--json", action="store_true", help="the job and its history as JSON")
 
-    p = command("list", cmd_list, "list recent jobs")
-    p.add_argument("--queue")
+    p = command("list", cmd_list, "list recent jobs, newest first")
+    p.add_argument("--queue", help="only this queue's jobs")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20)")
+    p.add_argument("--json", action="store_true", help="a JSON list of jobs")
 
     p = command("cancel", cmd_cancel, "cancel a job (a running one is stopped by its worker)")
     p.add_argument("job_id", type=int)
@@ -328,10 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", type=int)
 
     p = command("stats", cmd_stats, "queue, instance and failure statistics")
-    p.add_argument("--tz", default="UTC", help="time zone of 'today' for spend (default UTC)")
+    p.add_argument(
+        "--tz", type=check_time_zone, default="UTC", help="time zone of 'today' for spend (default UTC)"
+    )
+    p.add_argument("--json", action="store_true", help="the three tables as JSON")
 
     p = command("prune", cmd_prune, "delete finished jobs and their history older than a duration")
-    p.add_argument("--older-than", type=parse_duration, default=7 * 86400.0, help="default 7d")
+    p.add_argument(
+        "--older-than", type=parse_duration, default=7 * 86400.0, help="finished this long ago (default 7d)"
+    )
 
     p = command(
         "enroll",
@@ -370,25 +482,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class VersionAction(argparse.Action):
+    """`gpuq --version`: the version, and which data directory and database a command here would use."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        from dotenv import load_dotenv
+
+        from gpuq.settings import env_str
+
+        load_dotenv(override=False)
+        data_dir, source = data_dir_from_env()
+        url = env_str("DATABASE_URL", "")
+        print(f"gpuq {__version__}")
+        print(f"data directory {data_dir} ({source})")
+        print(f"database {redact(url)}" if url else f"database embedded Postgres under {data_dir / 'pgdata'}")
+        parser.exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _completion(parser)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:  # the embedded server's start/stop chatter is not for users
         logging.getLogger("pgserver").setLevel(logging.WARNING)
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
+        if settings.data_dir_source.startswith("./"):
+            print(
+                f"gpuq: using {settings.data_dir} ({settings.data_dir_source}); set GPUQ_DATA_DIR to choose",
+                file=sys.stderr,
+            )
         return int(args.func(args, settings))
+    except CommandError as exc:
+        return _fail(str(exc), exc.code)
     except (GpuqError, MigrationError) as exc:
-        print(f"gpuq: {exc}", file=sys.stderr)
-        return 2
+        return _fail(in_user_words(str(exc)), USAGE)
     except psycopg.OperationalError as exc:
-        print(f"gpuq: cannot reach the database: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot reach the database: {one_line(exc)}", UNREACHABLE)
+    except (psycopg.errors.InvalidParameterValue, psycopg.errors.DataError) as exc:
+        return _fail(one_line(exc), USAGE)
+    except FileNotFoundError as exc:
+        return _fail(f"no such file: {exc.filename}", USAGE)
     except KeyboardInterrupt:
-        return 130
+        return _fail("interrupted", INTERRUPTED)
+    except SystemExit as exc:  # a setting's own message (gpuq.settings, manager.config): bad input
+        if isinstance(exc.code, str):
+            return _fail(exc.code, USAGE)
+        raise
+
+
+def _fail(message: str, code: int) -> int:
+    line = one_line(message)
+    print(line if line.startswith("gpuq") else f"gpuq: {line}", file=sys.stderr)
+    return code
+
+
+def _completion(parser: argparse.ArgumentParser) -> None:
+    """Shell completion, when the shell asks (argcomplete sets _ARGCOMPLETE); nothing otherwise."""
+    import os
+
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,22 @@ waits on other migrators' lock, a worker waits on LISTEN.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
 import os
 import re
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 
-from gpuq.settings import Settings
+from gpuq.settings import Settings, quiet_runtime_dir_warning
 
 log = logging.getLogger("gpuq.db")
 
@@ -114,14 +117,80 @@ def redact(url: str) -> str:
 def embedded_url(settings: Settings) -> str:
     """Start (or join) the embedded Postgres under data_dir/pgdata and answer its URL.
 
-    pgserver keeps one server per data directory and stops it when the last process using it exits.
+    pgserver keeps one server per data directory, with the pids of the processes using it in
+    pgdata/.handle_pids.json, and stops it when the last of them exits. A process that died without
+    leaving (killed) would keep it running for ever, so dead pids are dropped on the way in and out.
     """
+    quiet_runtime_dir_warning()  # pgserver's import asks platformdirs for the runtime dir
     import pgserver  # imported here: only the embedded default needs it
 
-    pgdata = settings.data_dir / "pgdata"
+    pgdata = embedded_pgdata(settings.data_dir)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    _drop_dead_users(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    # atexit runs last-registered first: this runs before pgserver's own exit hook, so that hook sees
+    # only the users still alive, and stops the server when this process was the last.
+    if pgdata not in _joined:
+        _joined.add(pgdata)
+        atexit.register(_drop_dead_users, pgdata)
     return str(server.get_uri())
+
+
+_joined: set[Path] = set()
+
+
+def embedded_pgdata(data_dir: Path) -> Path:
+    return (data_dir / "pgdata").resolve()
+
+
+def share_embedded(data_dir: Path, pid: int) -> None:
+    """Count process `pid` (a local worker this process started) as a user of the embedded server under
+    `data_dir`, so the server outlives this process while the worker needs it. The worker joins it
+    itself when it starts (embedded_url) and leaves it when it exits; this closes the gap before that."""
+    with _embedded_lock():
+        users = _users_file(embedded_pgdata(data_dir))
+        pids = json.loads(users.read_text()) if users.exists() else []
+        if pid not in pids:
+            users.write_text(json.dumps([*pids, pid]))
+
+
+def embedded_users(data_dir: Path) -> list[int]:
+    """The pids pgserver counts as users of the embedded server under `data_dir`."""
+    users = _users_file(embedded_pgdata(data_dir))
+    return [int(p) for p in json.loads(users.read_text())] if users.exists() else []
+
+
+def _users_file(pgdata: Path) -> Path:
+    return pgdata / ".handle_pids.json"  # pgserver 0.1.4's list of users (requirements.txt pins it)
+
+
+def _embedded_lock() -> Any:
+    from pgserver.postgres_server import PostgresServer  # the lock pgserver takes around that list
+
+    return PostgresServer._lock
+
+
+def _drop_dead_users(pgdata: Path) -> None:
+    users = _users_file(pgdata)
+    if not users.exists():
+        return
+    with _embedded_lock():
+        try:
+            pids = [int(p) for p in json.loads(users.read_text())]
+        except (OSError, ValueError):
+            return
+        alive = [p for p in pids if _running(p)]
+        if alive != pids:
+            users.write_text(json.dumps(alive))
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def database_url(settings: Settings) -> str:

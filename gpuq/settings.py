@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,36 @@ def _or_exit(parse: Callable[[Mapping[str, str], str, T], T], name: str, default
         raise SystemExit(f"gpuq: {e}") from None
 
 
+LOCAL_DATA_DIR = ".gpuq"  # the data directory gpuq used before the per-user default: still used if present
+
+
+def data_dir_from_env(env: Mapping[str, str] = os.environ) -> tuple[Path, str]:
+    """gpuq's data directory, and where that choice came from: GPUQ_DATA_DIR; else a ./.gpuq in the
+    current folder (an older default, kept so its database is not silently left behind); else the
+    per-user data directory (~/.local/share/gpuq on Linux). Never the current folder by default: the
+    same user in another folder must reach the same database."""
+    given = (env.get("GPUQ_DATA_DIR") or "").strip()
+    if given:
+        return Path(given).expanduser().resolve(), "GPUQ_DATA_DIR"
+    local = Path(LOCAL_DATA_DIR)
+    if local.is_dir():
+        return local.resolve(), "./.gpuq in this folder"
+    import platformdirs  # a pgserver dependency
+
+    quiet_runtime_dir_warning()
+    return Path(platformdirs.user_data_dir("gpuq", appauthor=False)), "the per-user default"
+
+
+def quiet_runtime_dir_warning() -> None:
+    """platformdirs warns on every use when XDG_RUNTIME_DIR is unset (containers, cron, ssh without a
+    login session); its fallback is fine for gpuq (pgserver keeps a lock file there), so it is not shown."""
+    import platformdirs
+
+    category = getattr(platformdirs, "RuntimeDirWarning", None)
+    if category is not None:
+        warnings.filterwarnings("ignore", category=category)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None  # None: start the embedded Postgres under data_dir
@@ -89,15 +120,18 @@ class Settings:
     transaction_pooler: bool  # e.g. Supabase's pooler on port 6543: no LISTEN, no prepared statements
     lease_seconds: int
     poll_seconds: float
+    data_dir_source: str = "GPUQ_DATA_DIR"  # how data_dir was chosen (data_dir_from_env), for users
 
     @classmethod
     def from_env(cls) -> Settings:
         load_dotenv(override=False)
         url = os.environ.get("DATABASE_URL") or None
         default_pooler = bool(url) and urlsplit(url).port == 6543
+        data_dir, source = data_dir_from_env()
         settings = cls(
             database_url=url,
-            data_dir=Path(env_str("GPUQ_DATA_DIR", ".gpuq")).resolve(),
+            data_dir=data_dir,
+            data_dir_source=source,
             transaction_pooler=env_bool("GPUQ_TRANSACTION_POOLER", default_pooler),
             lease_seconds=env_int("GPUQ_LEASE_SECONDS", 60),
             poll_seconds=env_float("GPUQ_POLL_SECONDS", 5.0),

@@ -18,6 +18,7 @@ import psycopg
 
 from gpuq.client import Client, open_client
 from gpuq.db import set_deadline
+from gpuq.output import FAILED, UNREACHABLE, CommandError, print_json, print_table
 from gpuq.settings import Settings
 from manager import simulate
 from manager.config import ManagerSettings
@@ -32,15 +33,37 @@ log = logging.getLogger("gpuq.manager")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="manager_command", required=True, metavar="SUBCOMMAND")
-    p = sub.add_parser("tick", help="one pass: reconcile, decide, act (for cron)")
+
+    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=description)
+
+    p = command(
+        "tick",
+        "one pass: reconcile, decide, act (for cron)",
+        "One pass of the manager, for cron (e.g. every minute): compare the providers' instances with the "
+        "database, decide from queue depth, idle time, caps and hours what to rent and destroy, and do it. "
+        "On the embedded default the local workers it starts keep the embedded Postgres running until they "
+        "end. Exits 1 if an action failed or a destroy was not confirmed.",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print what it would do; create, destroy, write nothing"
     )
-    p = sub.add_parser("run", help="tick every GPUQ_MANAGER_TICK_SECONDS until stopped")
+    p = command(
+        "run",
+        "tick every GPUQ_MANAGER_TICK_SECONDS until stopped",
+        "The manager as a service: a tick every GPUQ_MANAGER_TICK_SECONDS (default 60) until SIGTERM or "
+        "Ctrl-C, waiting out database outages. When it ends, the local worker processes it started end "
+        "too; rented machines are left to the next manager.",
+    )
     p.add_argument("--dry-run", action="store_true", help="plan every tick, act on none")
     p.add_argument("--ticks", type=int, default=0, help="stop after this many ticks (default: never)")
-    p = sub.add_parser("status", help="instances, spend per day and per instance")
+    p = command(
+        "status",
+        "instances, spend per day and per instance",
+        "The instances the manager runs now, the money caps, and spend: today, per day, per instance.",
+    )
     p.add_argument("--days", type=int, default=7, help="days of spend to show (default 7)")
+    p.add_argument("--json", action="store_true", help="the same as JSON")
     p = sub.add_parser("simulate", help="replay workload traces through the policy (see manager/simulate.py)")
     simulate.add_arguments(p)
 
@@ -50,16 +73,20 @@ def build_providers(ms: ManagerSettings, db_url: str, settings: Settings) -> dic
     for name in ms.providers:
         factory = REGISTRY.get(name)
         if factory is None:
-            raise SystemExit(
-                f"gpuq manager: unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})"
-            )
-        providers[name] = factory(ms, db_url, settings.data_dir)
+            raise CommandError(f"unknown provider {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        providers[name] = factory(ms, db_url, settings.data_dir, embedded=settings.database_url is None)
     return providers
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     command = args.manager_command
     if command == "simulate":
+        options = [t for t in getattr(args, "traces", None) or [] if t.startswith("-")]
+        if options:
+            raise CommandError(
+                f"{options[0]} came after `--`, so it was read as a trace name; "
+                f"put options before `--` (e.g. gpuq manager simulate {options[0]})"
+            )
         return simulate.run(args)
     ms = ManagerSettings.from_env()
     stop = _stop_on_signals() if command == "run" else None
@@ -69,18 +96,46 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     manager: Manager | None = None
     try:
         if command == "status":
-            return _status(client, ms, args.days)
+            return _status(client, ms, args.days, as_json=args.json)
         check_before_renting(ms, client)  # what rented hosts would get: their own login, no secret
         manager = Manager(client, ms, build_providers(ms, client.url, settings), Metrics())
         if command == "tick":
             result = tick(manager, dry_run=args.dry_run)
-            return 1 if result.errors or result.reconcile.unverified else 0
+            return FAILED if result.errors or result.reconcile.unverified else 0
         from gpuq.dashboard.server import start_beside_manager  # serves when GPUQ_DASHBOARD_PORT is set
 
         start_beside_manager(client.url, settings, ms.policy)
-        return _loop(manager, args.dry_run, args.ticks, stop)
+        try:
+            return _loop(manager, args.dry_run, args.ticks, stop)
+        finally:
+            _stop_local_workers(manager)
     finally:
         (manager.client if manager is not None else client).close()  # run may have reconnected
+
+
+def _stop_local_workers(manager: Manager) -> None:
+    """`run` ends: the worker processes it started on this machine end with it (each drains and hands its
+    jobs back), recorded as destroyed. Nothing would stop them once idle, and on the embedded default
+    they would keep its Postgres running for ever. Rented machines are left to the next manager."""
+    local = manager.providers.get("local")
+    if local is None:
+        return
+    prefix = manager.settings.label_prefix
+    try:
+        rows = manager.client.call("select id, provider, provider_instance_id from gpuq.manager_instances()")
+    except psycopg.Error as e:
+        log.warning("cannot read the instances (%s); stopping the local workers unrecorded", e)
+        rows = []
+    recorded = {r["provider_instance_id"]: int(r["id"]) for r in rows if r["provider"] == "local"}
+    for worker in local.list_instances(prefix):
+        log.info("run ends: stopping local worker %s", worker.provider_id)
+        local.destroy(worker.provider_id)
+        instance_id = recorded.get(worker.provider_id)
+        if instance_id is not None:
+            with contextlib.suppress(psycopg.Error):
+                manager.client.call(
+                    "select gpuq.record_destroy(%s, %s, true)", (instance_id, "gpuq manager run ended")
+                )
 
 
 def _stop_on_signals() -> threading.Event:
@@ -111,7 +166,7 @@ def _open(settings: Settings, ms: ManagerSettings, stop: threading.Event | None)
         except psycopg.OperationalError as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if stop is None:
-                raise SystemExit(f"gpuq manager: cannot reach the database: {why}") from None
+                raise CommandError(f"cannot reach the database: {why}", UNREACHABLE) from None
             log.warning("database unreachable (%s); trying again in %.0f s", why, delay)
         if stop.wait(delay):
             return None
@@ -175,48 +230,59 @@ def _reconnect(manager: Manager, *, force: bool = False) -> bool:
     return True
 
 
-def _status(client: Client, ms: ManagerSettings, days: int) -> int:
-    from gpuq.cli import print_table  # the shared table printer
+INSTANCE_COLUMNS = [
+    "id",
+    "provider",
+    "provider_instance_id",
+    "status",
+    "gpu_name",
+    "dph",
+    "queues",
+    "created_at",
+    "last_heartbeat_at",
+    "running_jobs",
+]
+SPEND_COLUMNS = [
+    "instance_id",
+    "provider",
+    "provider_instance_id",
+    "gpu_name",
+    "status",
+    "dph",
+    "hours",
+    "cost_usd",
+    "end_reason",
+]
 
+
+def _status(client: Client, ms: ManagerSettings, days: int, *, as_json: bool = False) -> int:
+    """One dict of what `status` shows, printed as text or as JSON."""
+    if days < 1:
+        raise CommandError(f"--days must be at least 1, got {days}")
     tz = ms.policy.budget_tz
+    status = {
+        "caps": {"daily_budget_usd": ms.policy.daily_budget, "max_total_dph": ms.policy.max_total_dph},
+        "budget_tz": tz,
+        "instances": client.call("select * from gpuq.manager_instances()"),
+        "spend_today_usd": float(client.call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]),
+        "spend_by_day": client.call("select * from gpuq.spend_by_day(%s, %s)", (tz, days)),
+        "spend_by_instance_24h": client.call(
+            "select * from gpuq.spend_by_instance(now() - interval '1 day')"
+        ),
+    }
+    if as_json:
+        print_json(status)
+        return 0
     print(
         f"instances  (select * from gpuq.manager_instances())  caps: ${ms.policy.daily_budget:.2f}/day, "
         f"${ms.policy.max_total_dph:.2f}/h"
     )
-    print_table(
-        client.call("select * from gpuq.manager_instances()"),
-        [
-            "id",
-            "provider",
-            "provider_instance_id",
-            "status",
-            "gpu_name",
-            "dph",
-            "queues",
-            "created_at",
-            "last_heartbeat_at",
-            "running_jobs",
-        ],
-    )
-    today = client.call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]
-    print(f"\nspend today ({tz}): ${float(today):.4f}")
+    print_table(status["instances"], INSTANCE_COLUMNS)
+    print(f"\nspend today ({tz}): ${status['spend_today_usd']:.4f}")
     print(f"\nspend per day  (select * from gpuq.spend_by_day('{tz}', {days}))")
-    print_table(client.call("select * from gpuq.spend_by_day(%s, %s)", (tz, days)))
+    print_table(status["spend_by_day"])
     print("\nspend per instance, last 24 h  (select * from gpuq.spend_by_instance(now() - interval '1 day'))")
-    print_table(
-        client.call("select * from gpuq.spend_by_instance(now() - interval '1 day')"),
-        [
-            "instance_id",
-            "provider",
-            "provider_instance_id",
-            "gpu_name",
-            "status",
-            "dph",
-            "hours",
-            "cost_usd",
-            "end_reason",
-        ],
-    )
+    print_table(status["spend_by_instance_24h"], SPEND_COLUMNS)
     return 0
 
 
@@ -229,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run(args, Settings.from_env())
+    try:
+        return run(args, Settings.from_env())
+    except CommandError as e:
+        print(f"gpuq manager: {e}", file=sys.stderr)
+        return e.code
 
 
 if __name__ == "__main__":

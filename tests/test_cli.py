@@ -76,7 +76,7 @@ def test_submit_wait_shows_progress_and_result(client: Client) -> None:
 def test_bad_input_is_a_clear_error_and_exit_2(client: Client) -> None:
     env = {"DATABASE_URL": client.url}
     bad = gpuq("submit", "Bad Queue", "{}", env=env)
-    assert bad.returncode == 2 and "queue_must_be_a_lowercase_name" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr == "gpuq: the queue name must be a lowercase name\n"
     assert "Traceback" not in bad.stderr
     not_json = gpuq("submit", "q", "{oops", env=env)
     assert not_json.returncode != 0 and "not valid JSON" in not_json.stderr

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gpuq.settings import env_float, env_int
 
@@ -12,12 +11,20 @@ if TYPE_CHECKING:
     from manager.config import ManagerSettings
     from manager.providers.base import Provider
 
-# name -> factory(manager settings, database URL, data dir). Imports are inside the factories so a
-# deployment that uses one provider needs none of the others' packages.
-Factory = Callable[["ManagerSettings", str, "os.PathLike[str]"], "Provider"]
+
+class Factory(Protocol):
+    """name -> factory(manager settings, database URL, data dir; embedded: the database is the embedded
+    Postgres under the data dir). Imports are inside the factories so a deployment that uses one
+    provider needs none of the others' packages."""
+
+    def __call__(
+        self, ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str], *, embedded: bool = False
+    ) -> Provider: ...
 
 
-def _vast(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> Provider:
+def _vast(
+    ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str], *, embedded: bool = False
+) -> Provider:
     from manager.providers.vast import VastProvider
 
     key = os.environ.get("VAST_API_KEY")
@@ -26,7 +33,9 @@ def _vast(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> Provi
     return VastProvider(key, server_url=os.environ.get("GPUQ_VAST_URL") or None)
 
 
-def _aws_spot(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> Provider:
+def _aws_spot(
+    ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str], *, embedded: bool = False
+) -> Provider:
     from manager.providers.aws_spot import DEFAULT_INSTANCE_TYPES, AwsSpotProvider
 
     region, ami = os.environ.get("GPUQ_AWS_REGION"), os.environ.get("GPUQ_AWS_AMI")
@@ -49,12 +58,16 @@ def _aws_spot(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> P
     )
 
 
-def _local(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> Provider:
+def _local(
+    ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str], *, embedded: bool = False
+) -> Provider:
     from pathlib import Path
 
     from manager.providers.local import LocalProvider
 
-    env = {"DATABASE_URL": db_url}  # the manager's own database: the processes run here
+    # The manager's own database and data dir: the processes run here. On the embedded default they
+    # join its server (LocalProvider), and do not get DATABASE_URL.
+    env = {"DATABASE_URL": db_url, "GPUQ_DATA_DIR": str(data_dir)}
     if ms.storage_url:
         env["GPUQ_STORAGE_URL"] = ms.storage_url
     return LocalProvider(
@@ -62,6 +75,7 @@ def _local(ms: ManagerSettings, db_url: str, data_dir: os.PathLike[str]) -> Prov
         env=env,
         slots=env_int("GPUQ_LOCAL_SLOTS", 2),
         grace_s=env_float("GPUQ_LOCAL_GRACE_SECONDS", 20.0),
+        embedded_data_dir=Path(data_dir) if embedded else None,
     )
 
 

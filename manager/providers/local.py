@@ -1,5 +1,8 @@
 """Worker processes on this machine: the embedded default and the demo. $0/h.
 
+On the embedded default each worker is a user of the embedded Postgres (gpuq.db.share_embedded): the
+server outlives the `gpuq manager tick` that started the worker, and stops when the last user exits.
+
 "Renting" starts a worker process; the processes are recorded in a state file under the data dir so a
 `gpuq manager tick` from cron sees the workers an earlier tick started. Destroy is SIGTERM to the
 worker's process group (it drains and hands its jobs back), then SIGKILL after a grace.
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gpuq.db import share_embedded
 from manager.providers.base import (
     LaunchSpec,
     Offer,
@@ -51,6 +55,7 @@ class LocalProvider:
         slots: int = 2,
         grace_s: float = 20.0,
         vram_mb: int = 0,
+        embedded_data_dir: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_file = self.state_dir / "local_workers.json"
@@ -59,6 +64,9 @@ class LocalProvider:
         self.slots = slots
         self.grace_s = grace_s
         self.vram_mb = vram_mb
+        # The manager's embedded Postgres lives under this data dir (None: a real DATABASE_URL). Workers
+        # join that server rather than being handed its socket, so it runs while any of them does.
+        self.embedded_data_dir = embedded_data_dir
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # started here: reaped here
 
     # ------------------------------------------------------------------ state file
@@ -122,6 +130,9 @@ class LocalProvider:
             GPUQ_PROVIDER_INSTANCE_ID=pid_name,
             PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
         )
+        if self.embedded_data_dir is not None:
+            env.pop("DATABASE_URL", None)
+            env["GPUQ_DATA_DIR"] = str(self.embedded_data_dir)
         with open(log_dir / f"{pid_name}.log", "ab") as out:
             try:
                 proc = subprocess.Popen(
@@ -136,6 +147,8 @@ class LocalProvider:
             except OSError as e:
                 raise ProviderError(f"local: cannot start the worker: {e}") from None
         self._children[proc.pid] = proc
+        if self.embedded_data_dir is not None:
+            share_embedded(self.embedded_data_dir, proc.pid)
         stat = _proc_stat(proc.pid)
         with self._state() as state:
             state[pid_name] = {
