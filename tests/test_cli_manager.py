@@ -51,7 +51,9 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def gpuq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def gpuq(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gpuq.cli", *args],
         env=env,
@@ -93,7 +95,9 @@ def submit_pictures(tmp_path: Path, env: dict[str, str], count: int) -> None:
         assert done.returncode == 0, done.stderr
 
 
-def test_cron_ticks_drain_the_queue_on_the_embedded_default_and_the_server_stops_after(tmp_path: Path) -> None:
+def test_cron_ticks_drain_the_queue_on_the_embedded_default_then_the_server_stops(
+    tmp_path: Path,
+) -> None:
     env = embedded_env(tmp_path)
     data_dir = tmp_path / "data"
     submit_pictures(tmp_path, env, 3)
