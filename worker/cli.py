@@ -26,8 +26,24 @@ log = logging.getLogger("gpuq.worker")
 _SECRET_PARAMS = ("key", "secret", "token", "password", "signature", "credential")
 
 
+BACKEND_NOTES = {
+    "comfyui": "images and video through a local ComfyUI (GPU)",
+    "f5tts": "Spanish text to speech with F5-TTS (scripts/install_f5tts.sh)",
+    "imageops": "model-free image transforms (invert, blur, resize...), no GPU: the demo's",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queues", help="queue=backend,... (overrides GPUQ_QUEUES), e.g. images=comfyui")
+    parser.description = (
+        "Run a worker on this machine until SIGTERM/SIGINT (or a spot notice) drains it. Backends: "
+        + "; ".join(f"{name} ({BACKEND_NOTES.get(name, 'see worker/backends')})" for name in sorted(BACKENDS))
+        + ". Configured from the environment (GPUQ_QUEUES, GPUQ_STORAGE_URL, ...; see the README)."
+    )
+    parser.add_argument(
+        "--queues",
+        help="queue=backend,... (overrides GPUQ_QUEUES), e.g. images=comfyui; backends: "
+        + ", ".join(sorted(BACKENDS)),
+    )
     parser.add_argument("--concurrency", help="backend=N,... (overrides GPUQ_CONCURRENCY), e.g. comfyui=1")
     parser.add_argument("--log-level", default=os.environ.get("GPUQ_LOG_LEVEL", "INFO"), help="default INFO")
 
@@ -101,9 +117,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for name in config.backends:
         try:
             backends[name] = BACKENDS[name](env)
-        except (ValueError, ImportError) as exc:
+        except ValueError as exc:  # a setting of the backend's
             print(f"gpuq worker: cannot set up backend {name}: {exc}", file=sys.stderr)
             return 2
+        except ImportError as exc:  # its packages are not installed here
+            print(f"gpuq worker: cannot set up backend {name}: {exc}", file=sys.stderr)
+            return 3
     url = database_url(settings)
     print(summary(config, settings, url), file=sys.stderr, flush=True)
 
