@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from gpuq.client import FINISHED, Client, open_client
 from gpuq.dashboard.board import Budget
 from gpuq.dashboard.server import Background, DashboardSettings, start_background
+from gpuq.output import progress_bar
 from gpuq.settings import Settings
 from manager.cli import build_providers
 from manager.config import ManagerSettings, from_dict
@@ -67,8 +68,14 @@ def demo_settings(data_dir: Path, idle_timeout_s: float) -> ManagerSettings:
                 "max_instances": 2,
                 "target_jobs_per_instance": 3,
                 "idle_timeout_s": idle_timeout_s,
-                # the workers may read the demo's pictures; local inputs are refused everywhere else
-                "env": {"GPUQ_INPUT_DIRS": str(data_dir / INPUTS_DIR)},
+                "env": {
+                    # the workers may read the demo's pictures; local inputs are refused everywhere else
+                    "GPUQ_INPUT_DIRS": str(data_dir / INPUTS_DIR),
+                    # An instance reads busy from its last job's claim until its next heartbeat says idle
+                    # (default every lease/4 = 15 s): the idle timeout only starts counting for the manager
+                    # then. A heartbeat a second lets the demo end right after its idle timeout.
+                    "GPUQ_HEARTBEAT_SECONDS": "1",
+                },
             }
         },
     }
@@ -116,27 +123,31 @@ def run_demo(
         reported: set[int] = set()
         started = time.monotonic()
         idle_since: float | None = None
-        while time.monotonic() - started < timeout_s:
-            tick(manager)
-            for job in (client.get(i) for i in ids if i not in reported):
-                if job.status in FINISHED:
-                    reported.add(job.id)
-                    outputs = [o["url"] for o in (job.result or {}).get("outputs", [])]
-                    detail = ", ".join(outputs) or f"{job.error_code}: {job.error_message}"
-                    print(f"job {job.id} {job.status}: {detail}", flush=True)
-            workers = providers["local"].list_instances(ms.label_prefix)
-            if len(reported) == len(ids):
-                idle_since = idle_since or time.monotonic()
-                if not workers:
-                    waited = time.monotonic() - idle_since
-                    print(
-                        f"all {len(ids)} jobs finished; the manager stopped the idle workers "
-                        f"{waited:.0f} s later (idle timeout {idle_timeout_s:g} s)"
-                    )
-                    print("see them with: gpuq list --queue demo; gpuq show ID; gpuq stats")
-                    failed = [i for i in ids if client.get(i).status != "succeeded"]
-                    return 1 if failed else 0
-            time.sleep(tick_s)
+        with progress_bar(f"{jobs} jobs", jobs) as bar:
+            while time.monotonic() - started < timeout_s:
+                tick(manager)
+                for job in (client.get(i) for i in ids if i not in reported):
+                    if job.status in FINISHED:
+                        reported.add(job.id)
+                        outputs = [o["url"] for o in (job.result or {}).get("outputs", [])]
+                        detail = ", ".join(outputs) or f"{job.error_code}: {job.error_message}"
+                        bar.print(f"job {job.id} {job.status}: {detail}")
+                        bar.update(len(reported), f"{len(reported)} of {jobs} jobs finished")
+                workers = providers["local"].list_instances(ms.label_prefix)
+                if len(reported) == len(ids):
+                    if idle_since is None:
+                        idle_since = time.monotonic()
+                        bar.print(
+                            f"all {len(ids)} jobs finished; the manager stops the workers once they have "
+                            f"been idle for {idle_timeout_s:g} s (the idle timeout)"
+                        )
+                    if not workers:
+                        waited = time.monotonic() - idle_since
+                        bar.print(f"the manager stopped the idle workers {waited:.0f} s later")
+                        bar.print("see them with: gpuq list --queue demo; gpuq show ID; gpuq stats")
+                        failed = [i for i in ids if client.get(i).status != "succeeded"]
+                        return 1 if failed else 0
+                time.sleep(tick_s)
         print(f"gpuq demo: gave up after {timeout_s:g} s; {len(reported)} of {len(ids)} jobs finished")
         return 1
     finally:

@@ -67,6 +67,7 @@ def test_submit_wait_shows_progress_and_result(client: Client) -> None:
     job_id = int(lines[0])
     assert any(f"job {job_id} [cli] running 40% denoising" in line for line in lines)
     assert any("succeeded" in line for line in lines)
+    assert "\x1b[" not in done.stdout and "ETA" not in done.stdout  # through a pipe: lines, no bar
     assert json.loads("\n".join(lines[lines.index("{") :])) == {"outputs": ["file:///tmp/out.png"]}
 
     shown = gpuq("show", str(job_id), env=env)
