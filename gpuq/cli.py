@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -532,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"no such file: {exc.filename}", USAGE)
     except KeyboardInterrupt:
         return _fail("interrupted", INTERRUPTED)
+    except BrokenPipeError:  # `gpuq list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except SystemExit as exc:  # a setting's own message (gpuq.settings, manager.config): bad input
         if isinstance(exc.code, str):
             return _fail(exc.code, USAGE)
@@ -546,8 +550,6 @@ def _fail(message: str, code: int) -> int:
 
 def _completion(parser: argparse.ArgumentParser) -> None:
     """Shell completion, when the shell asks (argcomplete sets _ARGCOMPLETE); nothing otherwise."""
-    import os
-
     if "_ARGCOMPLETE" not in os.environ:
         return
     try:

@@ -68,3 +68,34 @@ def test_submit_wait_draws_a_bar_with_elapsed_time_and_eta_on_a_terminal(client:
     assert "elapsed" in shown and "ETA" in shown
     assert "50%" in shown and "100%" in shown
     assert "\x1b[" in shown  # drawn in place on the terminal
+
+
+def test_shell_completion_completes_commands_and_subcommands() -> None:
+    """What bash's completion (`eval "$(register-python-argcomplete gpuq)"`) asks the command for."""
+
+    def complete(line: str) -> set[str]:
+        read, write = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpuq.cli"],
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "_ARGCOMPLETE": "1",
+                "_ARGCOMPLETE_IFS": " ",
+                "COMP_LINE": line,
+                "COMP_POINT": str(len(line)),
+            },
+            close_fds=False,  # else the fds 8 and 9 made below are closed after preexec_fn
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: (os.dup2(write, 8), os.dup2(os.open(os.devnull, os.O_WRONLY), 9)),
+        )
+        os.close(write)
+        with os.fdopen(read) as answer:
+            words = set(answer.read().split())
+        assert proc.wait(timeout=30) == 0
+        return words
+
+    assert complete("gpuq sub") == {"submit"}
+    assert complete("gpuq manager st") == {"status"}
+    assert {"--json", "--queue", "--limit", "--status"} <= complete("gpuq list --")
