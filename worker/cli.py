@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from gpuq.db import database_url, redact
+from gpuq.db import connect, database_url, redact
+from gpuq.migrate import migrate
 from gpuq.settings import Settings
 from worker.backends import BACKENDS
 from worker.backends.base import Backend
@@ -124,6 +125,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"gpuq worker: cannot set up backend {name}: {exc}", file=sys.stderr)
             return 3
     url = database_url(settings)
+    if settings.database_url is None:  # the embedded default is ours: migrated on the way, as the CLI does
+        with connect(url, settings) as conn:
+            migrate(conn)
     print(summary(config, settings, url), file=sys.stderr, flush=True)
 
     worker = Worker(url, settings, config, backends, storage)
