@@ -145,3 +145,28 @@ def test_manager_run_stops_its_local_workers_and_the_server_when_it_ends(tmp_pat
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["instances"] == []  # recorded as ended, not left running
     wait_for_server_to_stop(data_dir, 30)
+
+
+def test_a_killed_local_worker_does_not_keep_the_embedded_server_running(tmp_path: Path) -> None:
+    env = embedded_env(tmp_path)
+    data_dir = tmp_path / "data"
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(image)
+    payload = json.dumps({"image": str(image), "ops": [{"op": "sleep", "seconds": 60}]})
+    assert gpuq("submit", "demo", payload, env=env, cwd=tmp_path).returncode == 0
+    ticked = gpuq("manager", "tick", env=env, cwd=tmp_path)
+    assert ticked.returncode == 0, ticked.stderr
+    state = json.loads((data_dir / "local" / "local_workers.json").read_text())
+    (pid,) = [int(w["pid"]) for w in state.values()]
+    users = data_dir / "pgdata" / ".handle_pids.json"
+    assert json.loads(users.read_text()) == [pid]  # the tick has gone; its worker holds the server
+    assert server_pid(data_dir) is not None
+    os.killpg(pid, 9)  # no chance to leave the server's list of users
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The next command finds the dead user, drops it, and is the last: the server stops when it exits.
+    listed = gpuq("list", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    wait_for_server_to_stop(data_dir, 30)
