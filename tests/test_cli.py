@@ -152,3 +152,21 @@ def test_stored_text_is_printed_without_terminal_control_characters(client: Clie
     # a message spans one line of the history table, not two
     history = shown.stdout.split("history:")[1]
     assert [line for line in history.splitlines() if "next line" in line and "boom" not in line] == []
+
+
+def test_read_commands_print_json_for_scripts(client: Client) -> None:
+    env = {"DATABASE_URL": client.url}
+    job_id = client.enqueue("ops", {"n": 1}, priority=5)
+    listed = gpuq("list", "--queue", "ops", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["id"] == job_id and row["payload"] == {"n": 1} and row["priority"] == 5
+    assert "lease_token" not in row
+    shown = json.loads(gpuq("show", str(job_id), "--json", env=env).stdout)
+    assert shown["status"] == "queued" and shown["payload"] == {"n": 1} and shown["history"] == []
+    stats = json.loads(gpuq("stats", "--json", env=env).stdout)
+    assert set(stats) == {"queues", "instances", "failures"}
+    assert [q["queued"] for q in stats["queues"] if q["queue"] == "ops"] == [1]
+    status = gpuq("manager", "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["instances"] == []

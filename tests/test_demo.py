@@ -30,7 +30,9 @@ def test_demo_runs_jobs_from_insert_to_output_files_and_stops_the_workers(tmp_pa
     assert "the manager stopped the idle workers" in done.stdout
     assert done.stdout.splitlines()[0] == f"data directory {tmp_path / 'data'} (GPUQ_DATA_DIR)"
     # the wait for the idle timeout is announced, not silent
-    assert "all 4 jobs finished; the manager stops the workers once they have been idle for 3 s" in done.stdout
+    assert "all 4 jobs finished; the manager stops the workers once they have been idle for 3 s" in (
+        done.stdout
+    )
     assert "Traceback" not in done.stderr
     assert re.search(r"watch it live: http://127\.0\.0\.1:\d+/", done.stdout)  # the dashboard, while it runs
     assert "started worker" in done.stderr  # workers were started on demand
