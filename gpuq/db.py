@@ -154,12 +154,6 @@ def share_embedded(data_dir: Path, pid: int) -> None:
             users.write_text(json.dumps([*pids, pid]))
 
 
-def embedded_users(data_dir: Path) -> list[int]:
-    """The pids pgserver counts as users of the embedded server under `data_dir`."""
-    users = _users_file(embedded_pgdata(data_dir))
-    return [int(p) for p in json.loads(users.read_text())] if users.exists() else []
-
-
 def _users_file(pgdata: Path) -> Path:
     return pgdata / ".handle_pids.json"  # pgserver 0.1.4's list of users (requirements.txt pins it)
 

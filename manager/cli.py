@@ -108,7 +108,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return _loop(manager, args.dry_run, args.ticks, stop)
         finally:
-            _stop_local_workers(manager)
+            if not args.dry_run:  # a dry run acts on nothing, its end included
+                _stop_local_workers(manager)
     finally:
         (manager.client if manager is not None else client).close()  # run may have reconnected
 

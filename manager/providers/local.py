@@ -131,7 +131,8 @@ class LocalProvider:
             PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
         )
         if self.embedded_data_dir is not None:
-            env.pop("DATABASE_URL", None)
+            # Set empty, not removed: a .env the worker reads must not point it at another database.
+            env["DATABASE_URL"] = ""
             env["GPUQ_DATA_DIR"] = str(self.embedded_data_dir)
         with open(log_dir / f"{pid_name}.log", "ab") as out:
             try:
