@@ -24,6 +24,7 @@ def _f5tts(env: Mapping[str, str]) -> Backend:
         vocoder_dir=env.get("F5TTS_VOCODER_DIR") or None,
         voices_dir=env.get("F5TTS_VOICES_DIR") or None,
         device=env.get("F5TTS_DEVICE") or None,
+        default_region=env.get("F5TTS_DEFAULT_REGION") or "neutral",
     )
 
 
