@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.backends.base import BackendResult, JobContext, OutputFile
+from worker.backends.model_files import ModelFiles
 from worker.errors import ErrorCode, JobError
 from worker.spanish.normalize import normalize
 from worker.spanish.regions import NEUTRAL, REGIONS, detect
@@ -161,12 +162,19 @@ class F5TTSBackend:
         device: str | None = None,
         max_text_chars: int = MAX_TEXT_CHARS,
         default_region: str = NEUTRAL,
+        ckpt_sha256: str | None = None,
+        vocab_sha256: str | None = None,
+        vocoder_sha256: str | None = None,
+        cache_dir: str | None = None,
+        s3_endpoint_url: str | None = None,
     ) -> None:
         """`model`: a config name (F5TTS_v1_Base; F5TTS_Base for the Spanish fine-tune) or a config
         YAML path. An empty `ckpt_file`/`vocoder_dir` makes f5-tts download the default weights from
         the Hugging Face hub; `vocab_file` "" is the package's own vocabulary. `device` None picks
-        CUDA when present. `default_region`: a job's region when it names none, and `auto`'s answer for a
-        text without markers."""
+        CUDA when present. The checkpoint, vocab file and vocoder may also be http(s) or s3:// URLs (the
+        vocoder then a .tar/.tar.gz of its folder), fetched into `cache_dir` and checked against their
+        sha256 (worker/backends/model_files.py). `default_region`: a job's region when it names none, and
+        `auto`'s answer for a text without markers."""
         if default_region not in (*REGIONS, NEUTRAL):
             raise ValueError(f"F5TTS_DEFAULT_REGION must be one of {', '.join((*REGIONS, NEUTRAL))}")
         self.default_region = default_region
@@ -176,6 +184,9 @@ class F5TTSBackend:
         self.vocoder_dir = vocoder_dir
         self.voices_dir = Path(voices_dir) if voices_dir else None
         self.device = device
+        self.sha256 = {"checkpoint": ckpt_sha256, "vocab file": vocab_sha256, "vocoder": vocoder_sha256}
+        self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "gpuq" / "f5tts"
+        self.s3_endpoint_url = s3_endpoint_url
         self.max_text_chars = max_text_chars
         self._tts: F5TTS | None = None
         self._lock = threading.Lock()  # one generation at a time: the model is shared
@@ -185,23 +196,29 @@ class F5TTSBackend:
     def start(self) -> None:
         if self._tts is not None:
             return
-        for label, path in (("checkpoint", self.ckpt_file), ("vocab file", self.vocab_file)):
-            if path and not Path(path).is_file():
-                raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"F5-TTS {label} {path} does not exist")
-        if self.vocoder_dir and not (Path(self.vocoder_dir) / "pytorch_model.bin").is_file():
-            raise JobError(
-                ErrorCode.BACKEND_UNAVAILABLE,
-                f"no Vocos vocoder (config.yaml + pytorch_model.bin) in {self.vocoder_dir}",
-            )
+        files = ModelFiles(self.cache_dir, s3_endpoint_url=self.s3_endpoint_url)
+        fetched = time.monotonic()
+        ckpt_file = (
+            str(files.file("checkpoint", self.ckpt_file, self.sha256["checkpoint"])) if self.ckpt_file else ""
+        )
+        vocab_file = (
+            str(files.file("vocab file", self.vocab_file, self.sha256["vocab file"]))
+            if self.vocab_file
+            else ""
+        )
+        vocoder_dir = (
+            str(files.vocoder_dir(self.vocoder_dir, self.sha256["vocoder"])) if self.vocoder_dir else None
+        )
+        log.info("F5-TTS model files ready in %.1f s", time.monotonic() - fetched)
         started = time.monotonic()
         try:
             from f5_tts.api import F5TTS
 
             self._tts = F5TTS(
                 model=model_config_arg(self.model),
-                ckpt_file=self.ckpt_file,
-                vocab_file=self.vocab_file,
-                vocoder_local_path=self.vocoder_dir,
+                ckpt_file=ckpt_file,
+                vocab_file=vocab_file,
+                vocoder_local_path=vocoder_dir,
                 device=self.device,
             )
         except JobError:
