@@ -105,6 +105,13 @@ def build_random_assets(
             "mel_spec_type": mel["mel_spec_type"],
         },
     )
+    # DiT zero-initialises its output projection and adaLN layers, so a fresh model predicts a flow of 0
+    # and "speaks" its starting noise whatever the text and reference. Random values there make the output
+    # depend on both, as a trained model's does (and make the tests that compare outputs mean something).
+    with torch.no_grad():
+        for param in cfm.parameters():
+            if param.numel() and not param.any():
+                param.normal_(0.0, 0.05)
     ckpt_file = str(out_dir / "model.safetensors")
     save_file(cfm.state_dict(), ckpt_file)  # loaded as EMA weights, as the released .safetensors are
 

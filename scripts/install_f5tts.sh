@@ -16,8 +16,8 @@ if [ "$KIND" = cuda ]; then TORCH="torch==2.11.0 torchaudio==2.11.0"; else TORCH
 # shellcheck disable=SC2086
 "$PY" -m pip install -q $TORCH vocos==0.1.0 accelerate ema-pytorch hydra-core librosa matplotlib pydub \
     pypinyin rjieba safetensors soundfile torchdiffeq tqdm transformers x-transformers wandb datasets \
-    google-cloud-storage boto3 rich filelock requests
+    google-cloud-storage boto3 rich filelock requests num2words soxr
 if [ "$KIND" = cpu ]; then
     rm -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/torchaudio/lib/*.so
 fi
-"$PY" -c "from f5_tts.api import F5TTS; import vocos, soundfile; print('f5-tts ready')"
+"$PY" -c "from f5_tts.api import F5TTS; import vocos, soundfile, soxr, num2words; print('f5-tts ready')"

@@ -24,6 +24,12 @@ def _f5tts(env: Mapping[str, str]) -> Backend:
         vocoder_dir=env.get("F5TTS_VOCODER_DIR") or None,
         voices_dir=env.get("F5TTS_VOICES_DIR") or None,
         device=env.get("F5TTS_DEVICE") or None,
+        default_region=env.get("F5TTS_DEFAULT_REGION") or "neutral",
+        ckpt_sha256=env.get("F5TTS_CKPT_SHA256") or None,
+        vocab_sha256=env.get("F5TTS_VOCAB_SHA256") or None,
+        vocoder_sha256=env.get("F5TTS_VOCODER_SHA256") or None,
+        cache_dir=env.get("F5TTS_MODEL_CACHE") or None,
+        s3_endpoint_url=env.get("F5TTS_S3_ENDPOINT_URL") or env.get("GPUQ_S3_ENDPOINT_URL") or None,
     )
 
 

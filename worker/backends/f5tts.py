@@ -5,7 +5,15 @@ A job names a voice, that is a reference recording and its transcript, either fr
 directory (`<name>.wav` + `<name>.txt`) or in the payload, and the text to speak:
 
     {"text": "...", "voice": "name" | {"ref_audio": url, "ref_text": "..."},
-     "nfe_step": 32, "speed": 1.0, "cfg_strength": 2.0, "seed": 1, "format": "wav" | "mp3" | "ogg"}
+     "region": "rioplatense" | "colombian" | "mexican" | "chilean" | "caribbean" | "andean" | "neutral"
+               | "auto",
+     "nfe_step": 32, "speed": 1.0, "cfg_strength": 2.0, "seed": 1,
+     "output_format": "wav" | "mp3" | "ogg" | "flac", "sample_rate": 24000, "normalize": true}
+
+The region (the worker's F5TTS_DEFAULT_REGION when the job names none; `auto` detects it from the text's
+voseo and slang, falling back to that default) chooses the voice when the job names none, through the voices
+directory's voices.json ({"rioplatense": "valentina", "neutral": "lucia", ...}), and the text normalisation
+(worker/spanish/normalize.py): numbers, money, dates and times are spoken out before synthesis.
 
 The generation follows `F5TTS.infer` step by step (reference preprocessing, text chunking by the
 reference's pace, one forward pass per chunk, cross-fade) but runs the chunks one after another so
@@ -15,6 +23,7 @@ that a cancelled job stops between chunks, and reads audio with soundfile rather
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,7 +38,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.backends.base import BackendResult, JobContext, OutputFile
+from worker.backends.model_files import ModelFiles
 from worker.errors import ErrorCode, JobError
+from worker.spanish.normalize import normalize
+from worker.spanish.regions import NEUTRAL, REGIONS, detect
 
 if TYPE_CHECKING:
     from f5_tts.api import F5TTS
@@ -51,7 +63,10 @@ FORMATS = {
     "wav": ("WAV", "PCM_16", "audio/wav"),
     "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
     "ogg": ("OGG", "VORBIS", "audio/ogg"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
 }
+SAMPLE_RATES = (16000, 22050, 24000, 44100, 48000)  # all of them MPEG rates too, so every format takes them
+VOICES_FILE = "voices.json"  # region -> voice name, in the voices directory
 
 
 @dataclass
@@ -65,6 +80,22 @@ class _Request:
     cfg_strength: float
     seed: int
     format: str
+    sample_rate: int
+    region: str  # the one used: for the voice (when the job names none) and the text normalisation
+    detected_region: str  # what detection found in the text (NEUTRAL when it found no markers)
+    slang_markers: list[str]
+    voice: str  # the voice's name, or "payload" for a reference sent with the job
+
+
+@dataclass
+class _Prepared:
+    """A job ready for inference: its reference (as infer_batch_process takes it) and its text chunks."""
+
+    audio: Any  # torch tensor, channels x samples
+    sr: int
+    ref_text: str
+    ref_seconds: float
+    chunks: list[str]
 
 
 def _invalid(message: str) -> JobError:
@@ -96,6 +127,14 @@ def model_config_arg(model: str) -> str:
     return os.path.relpath(path.with_suffix(""), configs)
 
 
+def check_stop(ctx: JobContext, where: str) -> None:
+    """Raise CANCELLED or TIMEOUT when the job was told to stop or ran out of time."""
+    if ctx.cancelled.is_set():
+        raise JobError(ErrorCode.CANCELLED, f"cancelled {where}")
+    if time.monotonic() > ctx.deadline:
+        raise JobError(ErrorCode.TIMEOUT, f"timed out {where}")
+
+
 def _cross_fade(waves: list[np.ndarray], samples: int) -> np.ndarray:
     """Join chunk waveforms the way f5-tts's infer_batch_process does: a linear cross-fade."""
     out = waves[0]
@@ -122,17 +161,32 @@ class F5TTSBackend:
         voices_dir: str | None = None,
         device: str | None = None,
         max_text_chars: int = MAX_TEXT_CHARS,
+        default_region: str = NEUTRAL,
+        ckpt_sha256: str | None = None,
+        vocab_sha256: str | None = None,
+        vocoder_sha256: str | None = None,
+        cache_dir: str | None = None,
+        s3_endpoint_url: str | None = None,
     ) -> None:
         """`model`: a config name (F5TTS_v1_Base; F5TTS_Base for the Spanish fine-tune) or a config
         YAML path. An empty `ckpt_file`/`vocoder_dir` makes f5-tts download the default weights from
         the Hugging Face hub; `vocab_file` "" is the package's own vocabulary. `device` None picks
-        CUDA when present."""
+        CUDA when present. The checkpoint, vocab file and vocoder may also be http(s) or s3:// URLs (the
+        vocoder then a .tar/.tar.gz of its folder), fetched into `cache_dir` and checked against their
+        sha256 (worker/backends/model_files.py). `default_region`: a job's region when it names none, and
+        `auto`'s answer for a text without markers."""
+        if default_region not in (*REGIONS, NEUTRAL):
+            raise ValueError(f"F5TTS_DEFAULT_REGION must be one of {', '.join((*REGIONS, NEUTRAL))}")
+        self.default_region = default_region
         self.model = model
         self.ckpt_file = ckpt_file
         self.vocab_file = vocab_file
         self.vocoder_dir = vocoder_dir
         self.voices_dir = Path(voices_dir) if voices_dir else None
         self.device = device
+        self.sha256 = {"checkpoint": ckpt_sha256, "vocab file": vocab_sha256, "vocoder": vocoder_sha256}
+        self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "gpuq" / "f5tts"
+        self.s3_endpoint_url = s3_endpoint_url
         self.max_text_chars = max_text_chars
         self._tts: F5TTS | None = None
         self._lock = threading.Lock()  # one generation at a time: the model is shared
@@ -142,23 +196,29 @@ class F5TTSBackend:
     def start(self) -> None:
         if self._tts is not None:
             return
-        for label, path in (("checkpoint", self.ckpt_file), ("vocab file", self.vocab_file)):
-            if path and not Path(path).is_file():
-                raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"F5-TTS {label} {path} does not exist")
-        if self.vocoder_dir and not (Path(self.vocoder_dir) / "pytorch_model.bin").is_file():
-            raise JobError(
-                ErrorCode.BACKEND_UNAVAILABLE,
-                f"no Vocos vocoder (config.yaml + pytorch_model.bin) in {self.vocoder_dir}",
-            )
+        files = ModelFiles(self.cache_dir, s3_endpoint_url=self.s3_endpoint_url)
+        fetched = time.monotonic()
+        ckpt_file = (
+            str(files.file("checkpoint", self.ckpt_file, self.sha256["checkpoint"])) if self.ckpt_file else ""
+        )
+        vocab_file = (
+            str(files.file("vocab file", self.vocab_file, self.sha256["vocab file"]))
+            if self.vocab_file
+            else ""
+        )
+        vocoder_dir = (
+            str(files.vocoder_dir(self.vocoder_dir, self.sha256["vocoder"])) if self.vocoder_dir else None
+        )
+        log.info("F5-TTS model files ready in %.1f s", time.monotonic() - fetched)
         started = time.monotonic()
         try:
             from f5_tts.api import F5TTS
 
             self._tts = F5TTS(
                 model=model_config_arg(self.model),
-                ckpt_file=self.ckpt_file,
-                vocab_file=self.vocab_file,
-                vocoder_local_path=self.vocoder_dir,
+                ckpt_file=ckpt_file,
+                vocab_file=vocab_file,
+                vocoder_local_path=vocoder_dir,
                 device=self.device,
             )
         except JobError:
@@ -204,17 +264,36 @@ class F5TTSBackend:
         seed = random.randint(0, 2**31 - 1)
         if payload.get("seed") is not None:
             seed = _number(payload, "seed", 0, 0, 2**63 - 1, integer=True)
-        fmt = payload.get("format", "wav")
+        fmt = payload.get("output_format", payload.get("format", "wav"))
+        if "format" in payload and "output_format" in payload and payload["format"] != fmt:
+            raise _invalid("format and output_format disagree: give output_format only")
         if fmt not in FORMATS:
-            raise _invalid(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+            raise _invalid(f"output_format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        sample_rate = payload.get("sample_rate", SAMPLE_RATE)
+        if isinstance(sample_rate, bool) or sample_rate not in SAMPLE_RATES:
+            rates = ", ".join(map(str, SAMPLE_RATES))
+            raise _invalid(f"sample_rate must be one of {rates}, got {sample_rate!r}")
+        normalize_text = payload.get("normalize", True)
+        if not isinstance(normalize_text, bool):
+            raise _invalid(f"normalize must be true or false, got {normalize_text!r}")
+
+        region = payload.get("region", self.default_region)
+        if region != "auto" and region not in (*REGIONS, NEUTRAL):
+            raise _invalid(f"region must be one of {', '.join((*REGIONS, NEUTRAL))} or auto, got {region!r}")
+        detection = detect(text)
+        if region == "auto":
+            region = self.default_region if detection.region == NEUTRAL else detection.region
+        if normalize_text:
+            text = normalize(text, region)
 
         # The voice last: a payload reference is fetched, so check everything cheap first.
         voice = payload.get("voice")
         if voice is None:
-            raise _invalid("voice is missing: a voice name or {ref_audio, ref_text}")
+            voice = self._voice_of_region(region)
+        voice_name = "payload"
         if isinstance(voice, str):
             ref_audio, ref_text = self._voice_from_dir(voice)
-            one_off = False
+            voice_name, one_off = voice, False
         elif isinstance(voice, dict):
             ref_text = voice.get("ref_text")
             # An empty transcript would make f5-tts transcribe the reference with Whisper (a download).
@@ -240,7 +319,30 @@ class F5TTSBackend:
             cfg_strength=cfg_strength,
             seed=seed,
             format=fmt,
+            sample_rate=sample_rate,
+            region=region,
+            detected_region=detection.region,
+            slang_markers=detection.markers,
+            voice=voice_name,
         )
+
+    def _voice_of_region(self, region: str) -> str:
+        """The voice voices.json gives the region, else the one it gives `neutral`."""
+        path = self.voices_dir / VOICES_FILE if self.voices_dir else None
+        if path is None or not path.is_file():
+            raise _invalid("voice is missing: a voice name or {ref_audio, ref_text}")
+        try:
+            voices = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(voices, dict):
+            raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"{path} must map region names to voice names")
+        voice = voices.get(region, voices.get(NEUTRAL))
+        if not isinstance(voice, str):
+            raise _invalid(
+                f"voice is missing and {VOICES_FILE} names no voice for region {region!r} or neutral"
+            )
+        return voice
 
     def _voice_from_dir(self, name: str) -> tuple[Path, str]:
         if self.voices_dir is None:
@@ -259,16 +361,19 @@ class F5TTSBackend:
         return audio, text
 
     def _generate(self, ctx: JobContext, req: _Request) -> BackendResult:
+        started = time.monotonic()
+        prep = self._prepare(ctx, req)
+        gen_started = time.monotonic()
+        waves = self._infer_chunks(ctx, req, prep)
+        return self._finish(ctx, req, prep, waves, started, time.monotonic() - gen_started)
+
+    def _prepare(self, ctx: JobContext, req: _Request) -> _Prepared:
+        """Read and preprocess the reference, split the text: everything before the model runs."""
         import soundfile as sf
         import torch
         from f5_tts.infer import utils_infer
-        from f5_tts.model.utils import seed_everything
 
-        assert self._tts is not None
-        tts = self._tts
-        started = time.monotonic()
         ctx.report_progress(0, "preparing the reference audio")
-
         # Re-encode the reference as 16-bit WAV: pydub (inside f5-tts) reads that without FFmpeg.
         try:
             data, sr = sf.read(str(req.ref_audio), dtype="float32", always_2d=True)
@@ -299,21 +404,30 @@ class F5TTSBackend:
         chunks = utils_infer.chunk_text(req.text, max_chars=max_chars)
         if not chunks:
             raise _invalid("text has nothing to speak")
+        ctx.report_progress(
+            10, f"text processed: region {req.region}, {len(req.text)} characters in {len(chunks)} chunk(s)"
+        )
+        return _Prepared(audio=audio, sr=sr, ref_text=ref_text, ref_seconds=ref_seconds, chunks=chunks)
 
+    def _infer_chunks(self, ctx: JobContext, req: _Request, prep: _Prepared) -> list[np.ndarray]:
+        """One forward pass per chunk, one chunk after another: a cancelled job stops between chunks."""
+        import torch
+        from f5_tts.infer import utils_infer
+        from f5_tts.model.utils import seed_everything
+
+        assert self._tts is not None
+        tts = self._tts
+        chunks = prep.chunks
         seed_everything(req.seed)
-        ctx.report_progress(30, f"generating {len(chunks)} chunk(s)")
-        gen_started = time.monotonic()
+        ctx.report_progress(20, f"inference: {len(chunks)} chunk(s)")
         waves: list[np.ndarray] = []
         for i, chunk in enumerate(chunks):
-            if ctx.cancelled.is_set():
-                raise JobError(ErrorCode.CANCELLED, f"cancelled after {i} of {len(chunks)} chunks")
-            if time.monotonic() > ctx.deadline:
-                raise JobError(ErrorCode.TIMEOUT, f"timed out after {i} of {len(chunks)} chunks")
+            check_stop(ctx, f"after {i} of {len(chunks)} chunks")
             try:
                 wave, _, _ = next(
                     utils_infer.infer_batch_process(
-                        (audio, sr),
-                        ref_text,
+                        (prep.audio, prep.sr),
+                        prep.ref_text,
                         [chunk],
                         tts.ema_model,
                         tts.vocoder,
@@ -334,26 +448,54 @@ class F5TTSBackend:
             except Exception as exc:
                 raise JobError(ErrorCode.BACKEND_ERROR, f"F5-TTS failed on chunk {i + 1}: {exc!r}") from exc
             waves.append(wave)
-            ctx.report_progress(30 + 40 * (i + 1) // len(chunks), f"chunk {i + 1}/{len(chunks)} done")
-        inference_seconds = time.monotonic() - gen_started
+            ctx.report_progress(
+                20 + 60 * (i + 1) // len(chunks), f"inference: chunk {i + 1}/{len(chunks)} done"
+            )
+        return waves
 
-        wave = np.clip(_cross_fade(waves, int(CROSS_FADE_SECONDS * SAMPLE_RATE)), -1.0, 1.0)
+    def _finish(
+        self,
+        ctx: JobContext,
+        req: _Request,
+        prep: _Prepared,
+        waves: list[np.ndarray],
+        started: float,
+        inference_seconds: float,
+    ) -> BackendResult:
+        """Join, resample and encode the chunks; the metrics the result carries."""
+        import soundfile as sf
+
+        ctx.report_progress(85, "post-processing")
+        wave = _cross_fade(waves, int(CROSS_FADE_SECONDS * SAMPLE_RATE))
+        if req.sample_rate != SAMPLE_RATE:
+            import soxr
+
+            wave = soxr.resample(wave.astype(np.float32), SAMPLE_RATE, req.sample_rate, quality="HQ")
+        wave = np.clip(wave, -1.0, 1.0)
         fmt, subtype, content_type = FORMATS[req.format]
         out = ctx.workdir / f"speech.{req.format}"
-        sf.write(str(out), wave, SAMPLE_RATE, format=fmt, subtype=subtype)
-        ctx.report_progress(100, "done")
+        sf.write(str(out), wave, req.sample_rate, format=fmt, subtype=subtype)
+        info = sf.info(str(out))
+        ctx.report_progress(95, "post-processing done; uploading")
 
-        audio_seconds = len(wave) / SAMPLE_RATE
+        audio_seconds = len(wave) / req.sample_rate
         return BackendResult(
             outputs=[OutputFile(path=out, content_type=content_type, name=out.name)],
             metrics={
+                "duration_seconds": round(audio_seconds, 3),
+                "sample_rate": req.sample_rate,
+                "channels": info.channels,
+                "format": req.format,
+                "region": req.region,
+                "detected_region": req.detected_region,
+                "slang_markers": req.slang_markers,
+                "voice": req.voice,
                 "audio_seconds": round(audio_seconds, 3),
                 "inference_seconds": round(inference_seconds, 3),
                 "rtf": round(inference_seconds / audio_seconds, 4) if audio_seconds else None,
                 "total_seconds": round(time.monotonic() - started, 3),
-                "sample_rate": SAMPLE_RATE,
-                "chunks": len(chunks),
-                "ref_audio_seconds": round(ref_seconds, 3),
+                "chunks": len(prep.chunks),
+                "ref_audio_seconds": round(prep.ref_seconds, 3),
                 "nfe_step": req.nfe_step,
                 "seed": req.seed,
                 "model": self.model,

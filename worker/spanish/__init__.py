@@ -1,0 +1,1 @@
+"""Spanish text handling for speech: regional variant detection and text normalisation."""
