@@ -632,10 +632,14 @@ def _name(inst: InstanceView) -> str:
 
 
 def _worth_holding(plan: _Plan, snap: QueueSnapshot, inst: InstanceView, rank: int) -> bool:
-    """Break-even hold: keep an idle instance while the wait for the job that would reuse it (the
-    rank-th idle instance waits for the rank-th arrival) costs less than booting another."""
+    """Break-even hold: keep one idle instance past its idle timeout while the wait for the job that
+    would reuse it costs less than booting another (the wait: the queue's mean gap between arrivals)."""
     s = plan.settings
     if (s.reboot_s <= 0 and s.reboot_usd <= 0) or not snap.arrivals_per_hour:
+        return False
+    if rank > 1:
+        # One spare is what a trickle needs; more is what a fading burst leaves behind (held, the second
+        # and later ones cost bursty_launch more than they saved in boots).
         return False
     reboot = s.reboot_s * inst.dph / 3600 + s.reboot_usd
     wait_s = rank * 3600 / snap.arrivals_per_hour

@@ -603,6 +603,7 @@ class Simulation:
         if inst.ended is None and inst.stopped_since is None and inst.starting:
             inst.boot_s += self.now - asked
             inst.starting = False
+            inst.last_job = self.now  # its idle time starts again from the restart, as the worker reports
             self._claim(inst)
 
     def _on_prices(self, _: Any) -> None:
