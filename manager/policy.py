@@ -64,6 +64,9 @@ class InstanceState(StrEnum):
     TERMINATED = "terminated"
     FAILED = "failed"
     LOST = "lost"
+    # In the cold pool: stopped with its models on disk, only the disk billing (its view's dph says so).
+    # Only the simulator has it so far: the providers cannot stop and start yet.
+    STOPPED = "stopped"
 
 
 # States in which an instance may be billing us. A failed instance bills until it is destroyed;
@@ -76,6 +79,7 @@ BILLING_STATES = frozenset(
         InstanceState.BUSY,
         InstanceState.DRAINING,
         InstanceState.FAILED,
+        InstanceState.STOPPED,
     }
 )
 _STARTING = frozenset({InstanceState.REQUESTED, InstanceState.BOOTING})
@@ -97,6 +101,7 @@ class InstanceView:
     last_job_at: datetime | None = None  # when a job last started or finished on it
     running_jobs: int = 0
     draining_since: datetime | None = None
+    stopped_at: datetime | None = None  # when it went into the cold pool
 
     @property
     def queue(self) -> str:
@@ -119,6 +124,10 @@ class QueueSnapshot:
     # Measured from finished jobs of this queue: GPU name -> jobs per busy hour.
     throughput: Mapping[str, float] = field(default_factory=dict)
     paused: bool = False  # an operator paused the queue (gpuq.pause_queue): nothing is claimed or rented
+    # From the job history (gpuq.queue_forecast()): jobs expected over the next hour and the GPU-seconds
+    # they will keep busy (at the speed of the GPUs that ran them). None: no history.
+    forecast_jobs: float | None = None
+    forecast_busy_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,9 @@ class QueuePolicy:
     offer_filter: OfferFilter = field(default_factory=OfferFilter)
     windows: tuple[Window, ...] = ()  # empty: any hour
     tz: str = "UTC"
+    # Small queues this queue's instances also serve (packing): their work is counted here, and they rent
+    # nothing of their own. Their requirements must be met by this queue's offers.
+    packs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("target_jobs_per_instance", self.target_jobs_per_instance)
@@ -197,6 +209,19 @@ class PolicySettings:
     # An untried GPU type is ranked as if this many times faster than the fastest measured one, so each
     # type that could be cheaper per job gets tried; 1.0 never explores.
     explore_factor: float = 1.5
+    # What a new instance costs before its first job: seconds from rent to ready (billing) and $ of
+    # downloads. With either set, an idle instance past its idle timeout is kept while the queue's arrivals
+    # say it will be reused before its idling costs more than booting another (break-even hold).
+    reboot_s: float = 0.0
+    reboot_usd: float = 0.0
+    # Pre-warming: this long before a queue's window opens, rent what the job history forecasts for the
+    # first hour, and in the window keep at least the instances the next hour's forecast needs. 0: off.
+    prewarm_s: float = 0.0
+    # The cold pool: an instance idle `cold_idle_s` is stopped (disk kept, only storage bills) instead of
+    # destroyed, and started again before renting; one stopped longer than `cold_pool_s` is destroyed.
+    # 0: off (a provider must support stop and start; the simulator does).
+    cold_pool_s: float = 0.0
+    cold_idle_s: float = 120.0
 
     def __post_init__(self) -> None:
         # A nan cap would pass every "over the cap?" test: the money settings must be plain numbers.
@@ -210,6 +235,11 @@ class PolicySettings:
             "min_window_left_s",
             "billing_lag_s",
             "shed_avoid_s",
+            "reboot_s",
+            "reboot_usd",
+            "prewarm_s",
+            "cold_pool_s",
+            "cold_idle_s",
         ):
             _not_negative(name, getattr(self, name))
         if not self.explore_factor >= 1.0:
@@ -270,7 +300,23 @@ class Hold:
     reason: str
 
 
-Action = Rent | Drain | Destroy | AvoidMachine | Hold
+@dataclass(frozen=True)
+class ColdStop:
+    """Stop an idle instance into the cold pool: its disk (models downloaded) is kept and billed."""
+
+    instance: InstanceView
+    reason: str
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """Start a stopped instance again: seconds, not a fresh pull (refused if its host's GPU was taken)."""
+
+    instance: InstanceView
+    reason: str
+
+
+Action = Rent | Drain | Destroy | AvoidMachine | Hold | ColdStop | ColdStart
 
 
 def decide(
@@ -293,19 +339,49 @@ def decide(
     live = sorted((i for i in instances if i.state in BILLING_STATES), key=lambda i: i.id)
     for inst in live:
         plan.bills(inst.id, inst.dph, plan.billing_end(inst))
-    snapshots = {q.name: q for q in queues}
+    snapshots = _packed({q.name: q for q in queues}, settings)
     offers = [_priced(o, price_markups or {}) for o in offers]
 
     _check_health(plan, live, avoided_machines)
     _enforce_money_caps(plan, live, avoided_machines)
     wants = []
-    for name in sorted(set(settings.queues) | {i.queue for i in live}):
+    packed = {q for p in settings.queues.values() for q in p.packs}
+    for name in sorted((set(settings.queues) | {i.queue for i in live}) - packed):
         snapshot = snapshots.get(name) or QueueSnapshot(name, 0, 0)
         want = _scale_queue(plan, snapshot, live)
         if want is not None:
             wants.append(want)
     _rent_fairly(plan, wants, live, offers, avoided_machines)
     return plan.actions
+
+
+def _packed(snapshots: dict[str, QueueSnapshot], settings: PolicySettings) -> dict[str, QueueSnapshot]:
+    """A queue that packs small queues sees their work as its own (its instances serve them too)."""
+    merged = dict(snapshots)
+    for name, policy in settings.queues.items():
+        small = [snapshots[q] for q in policy.packs if q in snapshots]
+        if not small:
+            continue
+        host = snapshots.get(name) or QueueSnapshot(name, 0, 0)
+        every = [host, *small]
+
+        def total(attr: str, every: list[QueueSnapshot] = every) -> float | None:
+            values = [getattr(q, attr) for q in every]
+            return None if all(v is None for v in values) else sum(v or 0.0 for v in values)
+
+        throughput = dict(host.throughput)
+        merged[name] = replace(
+            host,
+            queued=sum(q.queued for q in every),
+            running=sum(q.running for q in every),
+            oldest_wait_s=max(q.oldest_wait_s for q in every),
+            recent_load=total("recent_load"),
+            arrivals_per_hour=host.arrivals_per_hour,  # jobs/h measured are the host's kind of job
+            throughput=throughput,
+            forecast_jobs=total("forecast_jobs"),
+            forecast_busy_s=total("forecast_busy_s"),
+        )
+    return merged
 
 
 def _priced(offer: Offer, markups: Mapping[str, float]) -> Offer:
@@ -363,6 +439,9 @@ class _Plan:
         if not policy.windows:
             return self.day_end
         closes = window_closes_at(policy, self.now)
+        opens = next_window_opens_at(policy, self.now)
+        if closes is None and opens is not None and _seconds(self.now, opens) <= self.settings.prewarm_s:
+            closes = window_closes_at(policy, opens)  # pre-warming: it bills through the coming window
         return (closes or self.now) + drain + lag
 
     def destroy(self, inst: InstanceView, reason: str, *, release_jobs: bool) -> None:
@@ -435,7 +514,12 @@ def _check_health(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]
 def _enforce_money_caps(plan: _Plan, live: list[InstanceView], avoided: frozenset[str]) -> None:
     s = plan.settings
     # Idle first (nothing lost), then booting (only boot time lost), then busy (drained); dearest first.
-    order = {InstanceState.IDLE: 0, InstanceState.REQUESTED: 1, InstanceState.BOOTING: 1}
+    order = {
+        InstanceState.STOPPED: -1,
+        InstanceState.IDLE: 0,
+        InstanceState.REQUESTED: 1,
+        InstanceState.BOOTING: 1,
+    }
     candidates = [i for i in live if i.id not in plan.acted and i.state != InstanceState.DRAINING]
     candidates.sort(key=lambda i: (2 if i.busy else order.get(i.state, 2), -i.dph, i.id))
     for inst in candidates:
@@ -473,21 +557,32 @@ class _Want:
 def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> _Want | None:
     """Scale in (or stop, outside the queue's hours); answers what the queue needs rented, if anything."""
     policy = plan.settings.queues.get(snap.name)
-    pool = [i for i in live if i.queue == snap.name and i.id not in plan.acted]
-    pool = [i for i in pool if i.state in _STARTING or i.state in (InstanceState.IDLE, InstanceState.BUSY)]
+    mine = [i for i in live if i.queue == snap.name and i.id not in plan.acted]
+    pool = [i for i in mine if i.state in _STARTING or i.state in (InstanceState.IDLE, InstanceState.BUSY)]
+    cold = [i for i in mine if i.state == InstanceState.STOPPED]
     if policy is None:
-        for inst in pool:
+        for inst in pool + cold:
             plan.stop(inst, f"stop {inst.id}: queue {snap.name} is not configured")
         return None
-    if not in_window(policy, plan.now):
+    prewarm = _prewarm(plan, snap, policy)
+    if not in_window(policy, plan.now) and prewarm is None:
         hours = ", ".join(str(w) for w in policy.windows)
-        for inst in pool:
+        for inst in pool + cold:
             plan.stop(inst, f"stop {inst.id}: queue {snap.name} outside allowed hours {hours} {policy.tz}")
         return None
+    for inst in cold:
+        cold_s = _seconds(inst.stopped_at or inst.created_at, plan.now)
+        if cold_s >= plan.settings.cold_pool_s:
+            plan.destroy(inst, f"destroy {inst.id}: cold for {_duration(cold_s)}", release_jobs=False)
+    cold = [i for i in cold if i.id not in plan.acted]
 
     needed = instances_needed(snap, policy)
+    why_more = ""
+    if prewarm is not None:
+        count, why_more = prewarm
+        needed = max(needed, count)
     have = len(pool)
-    status = f"{snap.queued} queued, {snap.running} running, {have} instance(s), need {needed}"
+    status = f"{snap.queued} queued, {snap.running} running, {have} instance(s), need {needed}{why_more}"
     rank = _Ranker(snap, plan.settings.explore_factor)
     if have > policy.max_instances:
         # Over max (it was lowered): shed what costs least to lose, whatever the cooldown.
@@ -498,8 +593,57 @@ def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> 
     if have > needed:
         _scale_in(plan, snap, policy, pool, needed, status, rank)
     elif needed > have:
-        return _Want(snap, policy, have, needed - have, status, rank)
+        # The cold pool first: a start takes seconds and downloads nothing.
+        cold.sort(key=lambda i: (rank.cost_per_job(i.gpu_name, i.dph), i.id))
+        for inst in cold[: needed - have]:
+            plan.actions.append(ColdStart(inst, f"start {_name(inst)} from the cold pool: {status}"))
+            plan.acted.add(inst.id)
+            have += 1
+        if needed > have:
+            return _Want(snap, policy, have, needed - have, status, rank)
     return None
+
+
+def _prewarm(plan: _Plan, snap: QueueSnapshot, policy: QueuePolicy) -> tuple[int, str] | None:
+    """Instances the next hour's forecast needs ready (and why), when pre-warming applies: within the
+    window, or `prewarm_s` before it opens. None: no forecast, pre-warming off, or too early."""
+    s = plan.settings
+    if s.prewarm_s <= 0 or snap.paused or not snap.forecast_jobs or not snap.forecast_busy_s:
+        return None
+    opens = next_window_opens_at(policy, plan.now)
+    if opens is not None and opens > plan.now:
+        if _seconds(plan.now, opens) > s.prewarm_s:
+            return None
+        when = f"window opens in {_duration(_seconds(plan.now, opens))}"
+    else:
+        closes = window_closes_at(policy, plan.now)
+        if closes is not None and _seconds(plan.now, closes) < s.min_window_left_s:
+            return None
+        when = "next hour"
+    load = snap.forecast_busy_s / 3600
+    count = min(policy.max_instances, max(1, math.ceil(load / policy.target_utilisation)))
+    return count, (
+        f"; forecast {snap.forecast_jobs:.0f} jobs, {load:.2f} GPUs busy ({when}): keep {count} ready"
+    )
+
+
+def _name(inst: InstanceView) -> str:
+    return f"instance {inst.id}"
+
+
+def _worth_holding(plan: _Plan, snap: QueueSnapshot, inst: InstanceView, rank: int) -> bool:
+    """Break-even hold: keep one idle instance past its idle timeout while the wait for the job that
+    would reuse it costs less than booting another (the wait: the queue's mean gap between arrivals)."""
+    s = plan.settings
+    if (s.reboot_s <= 0 and s.reboot_usd <= 0) or not snap.arrivals_per_hour:
+        return False
+    if rank > 1:
+        # One spare is what a trickle needs; more is what a fading burst leaves behind (held, the second
+        # and later ones cost bursty_launch more than they saved in boots).
+        return False
+    reboot = s.reboot_s * inst.dph / 3600 + s.reboot_usd
+    wait_s = rank * 3600 / snap.arrivals_per_hour
+    return wait_s * inst.dph / 3600 < reboot
 
 
 def instances_needed(snap: QueueSnapshot, policy: QueuePolicy) -> int:
@@ -527,10 +671,26 @@ def _scale_in(
     surplus = len(pool) - needed
     idle = [i for i in pool if i.state == InstanceState.IDLE and not i.busy]
     idle.sort(key=lambda i: (-rank.cost_per_job(i.gpu_name, i.dph), -_idle_seconds(i, now), i.id))
-    for inst in idle:
-        if surplus > 0 and _idle_seconds(inst, now) >= policy.idle_timeout_s:
-            idle_min = _idle_seconds(inst, now) / 60
-            plan.destroy(inst, f"destroy {inst.id}: idle {idle_min:.0f} min, {status}", release_jobs=False)
+    s = plan.settings
+    closes = window_closes_at(policy, now)
+    cold_ok = s.cold_pool_s > 0 and (closes is None or _seconds(now, closes) >= s.min_window_left_s)
+    held = 0
+    for inst in reversed(idle):  # the cheapest per job is the one to hold
+        if surplus <= 0:
+            break
+        idle_s = _idle_seconds(inst, now)
+        if cold_ok and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
+            plan.actions.append(
+                ColdStop(inst, f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}")
+            )
+            plan.acted.add(inst.id)
+            plan.bills(inst.id, 0.0, now)
+            surplus -= 1
+        elif idle_s >= policy.idle_timeout_s:
+            if _worth_holding(plan, snap, inst, held + 1):
+                held += 1
+                continue
+            plan.destroy(inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False)
             surplus -= 1
     # Under steady load nobody idles for the idle timeout, yet the measured load may need fewer
     # instances: then give back one per tick, the dearest per job, an idle one if any, else drain a busy

@@ -45,15 +45,18 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from statistics import mean
 from typing import Any, Protocol
 
 from manager.policy import (
     BILLING_STATES,
     Action,
     AvoidMachine,
+    ColdStart,
+    ColdStop,
     Destroy,
     Drain,
     InstanceState,
@@ -66,12 +69,71 @@ from manager.policy import (
     Window,
     budget_day_start,
     in_window,
+    next_window_opens_at,
     offer_matches,
+    window_closes_at,
 )
 from manager.providers.base import Offer, OfferFilter
 
 TRACES_DIR = Path(__file__).parent / "traces"
-SHIPPED = ("steady_day", "bursty_launch", "quiet_night")
+SHIPPED = ("steady_day", "bursty_launch", "quiet_night", "image_and_tts")
+HOURS_PER_MONTH = 720.0  # Vast's storage_cost is $ per GB per 30-day month
+
+
+@dataclass(frozen=True)
+class Market:
+    """What renting a GPU costs and does, beyond its $/h. The default is the honest market, drawn from
+    each offer's own fields with the simulation's seed; `IDEAL` is the optimistic one the first
+    benchmarks used (boot = the offer's boot_s, no downloads, storage, load time or destroy lag, rents
+    never fail, prices never move, a 30 s tick with perfect state)."""
+
+    ideal: bool = False
+    tick_s: float = 60.0  # production's cron
+    lead_s: float = 3600.0  # the manager runs this long before the trace starts (pre-warming may rent)
+    image_gb: float = 12.0  # the worker image, pulled unless the host has it cached
+    image_cached_p: float = 0.3  # then the container starts in ~30 s
+    boot_sigma: float = 0.4  # lognormal spread of an uncached pull around the offer's boot_s
+    slow_pull_p: float = 0.1  # a pull that crawls (the 10-60 min seen in the field)
+    slow_pull_factor: float = 3.0
+    never_ready_p: float = 0.03  # plus (1 - the offer's reliability): never becomes ready
+    model_gb: float = 40.0  # FLUX.2 [dev] fp8 + its Mistral encoder + VAE, downloaded on every boot
+    download_efficiency: tuple[float, float] = (0.4, 0.9)  # of the offer's inet_down actually reached
+    load_s: float = 60.0  # loading the models into the GPU on an instance's first job
+    destroy_lag_s: tuple[float, float] = (30.0, 300.0)  # billing goes on this long after a destroy
+    rent_fail_p: float = 0.10  # the rent call fails (offer gone, host refuses): nothing rented
+    price_sigma: float = 0.05  # each offer's price moves hourly by this lognormal step (kept within ±25%)
+    heartbeat_s: float = 30.0  # the manager sees the last heartbeat, not the present
+    # The cold pool: a stopped instance starts again in restart_s (models still on its disk) unless the
+    # host's GPU was rented by someone else meanwhile, with probability 1 - exp(-stopped / host_taken_s).
+    restart_s: tuple[float, float] = (20.0, 60.0)
+    host_taken_s: float = 4 * 3600.0
+    # An offer without these fields falls back to them (Vast's typical values).
+    inet_down_cost: float = 0.01  # $ per GB downloaded
+    storage_cost: float = 0.15  # $ per GB-month, billed in every state
+
+    @property
+    def label(self) -> str:
+        return "ideal" if self.ideal else "honest"
+
+
+IDEAL = Market(
+    ideal=True,
+    tick_s=30.0,
+    lead_s=0.0,
+    image_cached_p=1.0,
+    boot_sigma=0.0,
+    slow_pull_p=0.0,
+    never_ready_p=0.0,
+    model_gb=0.0,
+    load_s=0.0,
+    destroy_lag_s=(0.0, 0.0),
+    rent_fail_p=0.0,
+    price_sigma=0.0,
+    heartbeat_s=0.0,
+    inet_down_cost=0.0,
+    storage_cost=0.0,
+)
+HONEST = Market()
 
 
 class DecideFn(Protocol):
@@ -105,6 +167,8 @@ class SimOffer:
     offer: Offer
     speed: float  # relative to the GPU the trace's service times were measured on
     boot_s: float | None  # None: never becomes ready
+    inet_down_cost: float | None = None  # $ per GB downloaded (Vast's field); None: the market's
+    storage_cost: float | None = None  # $ per GB-month of disk, every state (Vast's field)
 
 
 @dataclass(frozen=True)
@@ -166,6 +230,8 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
             ),
             speed=float(o["speed"]),
             boot_s=o["boot_s"],
+            inet_down_cost=o.get("inet_down_cost"),
+            storage_cost=o.get("storage_cost"),
         )
         for o in d["offers"]
     ]
@@ -181,12 +247,32 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
     )
 
 
-def policy_settings(trace: Trace) -> PolicySettings:
+LEVERS = ("break_even", "prewarm", "cold_pool", "packing")
+DEFAULT_LEVERS = ("break_even", "prewarm")
+
+
+def policy_settings(
+    trace: Trace, market: Market = IDEAL, levers: Sequence[str] = DEFAULT_LEVERS
+) -> PolicySettings:
     """The settings the benchmark runs gpuq's policy with: the same for every trace.
 
     The money ceiling equals LOOKS' (4 GPUs × $1.30/h = $5.20/h); the count cap is 8 because that
-    ceiling, not a count, is what bounds the spend.
+    ceiling, not a count, is what bounds the spend. On the ideal market no lever is on (booting is free
+    there); on the honest one `levers` says which: break_even (hold an idle instance while its reuse is
+    worth more than a reboot), prewarm (the forecast), cold_pool (stop instead of destroy), packing (the
+    smallest queue rides on the biggest queue's instances).
     """
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"unknown lever(s) {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
+    on = set() if market.ideal else set(levers)
+    packs: dict[str, tuple[str, ...]] = {}
+    if "packing" in on and len(trace.queues) > 1:
+        by_work: dict[str, float] = {}
+        for _, q, w in trace.jobs:
+            by_work[q] = by_work.get(q, 0.0) + w
+        ranked = sorted(trace.queues, key=lambda q: -by_work.get(q, 0.0))
+        packs[ranked[0]] = tuple(ranked[1:])
     queues = {
         name: QueuePolicy(
             # 7 queued + running per instance: a backlog (the 09:00 cold start, an outbid) rents sooner
@@ -199,20 +285,30 @@ def policy_settings(trace: Trace) -> PolicySettings:
             offer_filter=OfferFilter(gpu_names=q.gpu_names, min_vram_mb=q.min_vram_mb, max_dph=q.max_dph),
             windows=q.windows,
             tz=q.tz,
+            packs=packs.get(name, ()),
         )
         for name, q in trace.queues.items()
     }
+    # A reboot as the honest market draws it, on average: a pull most of the time (~0.7 of the offers'
+    # boot_s about 800 s, some crawling), the models at ~65% of a 500-1000 Mbps link; the downloads.
+    reboot_s = 0.0 if market.ideal else 0.7 * 900.0 + market.model_gb * 8000.0 / 500.0
+    reboot_usd = 0.0 if market.ideal else (market.model_gb + 0.7 * market.image_gb) * market.inet_down_cost
     return PolicySettings(
         queues=queues,
         max_total_dph=5.20,
         daily_budget=60.0,
         budget_tz="Europe/Madrid",
-        ready_timeout_s=1200.0,
         heartbeat_timeout_s=120.0,
         drain_timeout_s=900.0,
         cooldown_s=300.0,
         min_window_left_s=900.0,
         billing_lag_s=300.0,
+        ready_timeout_s=1200.0 if market.ideal else 2400.0,  # a fresh pull and 40 GB take a while
+        reboot_s=reboot_s if "break_even" in on else 0.0,
+        reboot_usd=reboot_usd if "break_even" in on else 0.0,
+        prewarm_s=2700.0 if "prewarm" in on else 0.0,  # about twice a typical boot
+        cold_pool_s=3 * 3600.0 if "cold_pool" in on else 0.0,
+        cold_idle_s=120.0,
     )
 
 
@@ -301,20 +397,33 @@ class _Job:
 class _Instance:
     id: str
     sim_offer: SimOffer
-    queue: str
+    queues: tuple[str, ...]
     created: float
+    dph: float  # the price it was rented at
+    storage_dph: float = 0.0  # its disk, billed in every state until it is destroyed
     ready: float | None = None
     draining_since: float | None = None
     silent_since: float | None = None
+    stopped_since: float | None = None  # in the cold pool: disk kept, GPU not billed
+    starting: bool = False  # started again from the cold pool, not ready yet
     ended: float | None = None
+    billed_until: float | None = None  # ended plus the provider's destroy lag
     job: _Job | None = None
     job_started: float = 0.0
     last_job: float | None = None
+    loaded: bool = False  # its models are in GPU memory (the first job on it pays the load)
     busy_s: float = 0.0
+    boot_s: float = 0.0  # billed seconds before it could first work (pull, download), restarts included
+    stopped_s: float = 0.0  # seconds in the cold pool
+    download_usd: float = 0.0
 
     @property
     def offer(self) -> Offer:
         return self.sim_offer.offer
+
+    @property
+    def queue(self) -> str:
+        return self.queues[0]
 
 
 @dataclass(frozen=True)
@@ -339,6 +448,18 @@ class SimReport:
     interrupted: int
     busy_destroys: int  # destroyed while running a job without releasing it: must stay 0
     lower_bound: float
+    market: str = "ideal"
+    lag_cost: float = 0.0  # billed after a destroy, before the provider stopped the meter
+    download_cost: float = 0.0  # bandwidth: the image and models pulled at each boot
+    storage_cost: float = 0.0  # disk, every state (a stopped instance bills only this)
+    wait_p95_in_window_s: float = 0.0  # over jobs that arrive within the queue's allowed hours
+    first_open_p95_s: float | None = None  # over jobs arriving in the first 30 min after a window opens
+    rent_failures: int = 0
+    never_ready: int = 0
+    starts: int = 0  # cold-pool restarts that worked
+    start_refused: int = 0  # restarts refused because the host's GPU was taken meanwhile
+    queue_p95_s: dict[str, float] = field(default_factory=dict)  # in-window p95 per queue
+    series: tuple[tuple[float, int, int, float], ...] = ()  # (t_s, instances, queued, $ so far) per tick
 
     @property
     def cost_per_job(self) -> float:
@@ -348,6 +469,10 @@ class SimReport:
     def lower_bound_per_job(self) -> float:
         return self.lower_bound / self.jobs if self.jobs else 0.0
 
+    @property
+    def overhead_cost(self) -> float:
+        return self.cost - self.busy_cost
+
 
 class Simulation:
     def __init__(
@@ -356,23 +481,31 @@ class Simulation:
         decide: DecideFn | Callable[..., list[Action]],
         settings: PolicySettings | None = None,
         *,
-        tick_s: float = 30.0,
+        market: Market = HONEST,
+        tick_s: float | None = None,
         seed: int = 0,
         lease_s: float = 120.0,
         load_window_s: float = 1200.0,
         tail_s: float = 24 * 3600.0,
         name: str = "",
+        forecast: Callable[[str, float], tuple[float, float]] | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> None:
         self.trace = trace
         self.decide = decide
-        self.settings = settings or policy_settings(trace)
-        self.tick_s = tick_s
+        self.market = market
+        self.settings = settings or policy_settings(trace, market)
+        self.tick_s = tick_s if tick_s is not None else market.tick_s
         self.rng = random.Random(seed)
         self.lease_s = lease_s
         self.load_window_s = load_window_s
         self.tail_s = tail_s
         self.name = name or getattr(decide, "__name__", "policy")
-        self.now = 0.0
+        # (queue, t_s) -> (jobs, busy seconds) expected over the next hour: what gpuq.queue_forecast()
+        # answers from history. None: no history.
+        self.forecast = forecast
+        self.progress = progress
+        self.now = -market.lead_s
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = 0
         self.jobs = [_Job(n, q, t, s) for n, (t, q, s) in enumerate(sorted(trace.jobs))]
@@ -383,8 +516,20 @@ class Simulation:
         self.last_rent: dict[str, float] = {}
         self.runs: dict[str, list[tuple[float, float | None, _Job]]] = {q: [] for q in trace.queues}
         self.measured: dict[str, dict[str, list[float]]] = {q: {} for q in trace.queues}
+        self.arrived: dict[str, deque[float]] = {q: deque() for q in trace.queues}
+        if forecast is not None:
+            # A forecast comes from history, and so does the throughput each GPU type measured
+            # (manager_throughput() looks back 7 days): the day does not start untried.
+            for q, spec in trace.queues.items():
+                work = [w for _, jq, w in trace.jobs if jq == q]
+                for o in _working_offers(trace, spec) if work else ():
+                    per_job = mean(work) / o.speed
+                    self.measured[q].setdefault(o.offer.gpu_name, [100.0, 100.0 * per_job])
         self.offers = {o.offer.offer_id: o for o in trace.offers}
+        self.price = {o.offer.offer_id: o.offer.dph for o in trace.offers}
         self.rents = self.interrupted = self.busy_destroys = self.peak = 0
+        self.rent_failures = self.never_ready = self.starts = self.start_refused = 0
+        self.series: list[tuple[float, int, int, float]] = []
         self.log: list[str] = []  # every action's reason, with its time
 
     # -- the event loop
@@ -398,7 +543,9 @@ class Simulation:
             self._at(job.arrival, "arrive", job)
         for intr in self.trace.interruptions:
             self._at(intr.t_s, "interrupt", intr)
-        self._at(0.0, "tick")
+        if self.market.price_sigma > 0:
+            self._at(self.now + 3600.0, "prices")
+        self._at(self.now, "tick")
         while self.events:
             t, _, kind, data = heapq.heappop(self.events)
             self.now = t
@@ -406,16 +553,22 @@ class Simulation:
                 if self._finished():
                     break
                 self._tick()
+                if self.progress is not None:
+                    self.progress(self.now)
                 self._at(t + self.tick_s, "tick")
             else:
                 getattr(self, f"_on_{kind}")(data)
         for inst in self.instances.values():
             if inst.ended is None:
-                self._end(inst)
+                self._end(inst, lag=False)
         return self._report()
 
+    @property
+    def end_s(self) -> float:
+        return self.trace.duration_s + self.tail_s
+
     def _finished(self) -> bool:
-        if self.now >= self.trace.duration_s + self.tail_s:
+        if self.now >= self.end_s:
             return True
         if self.now < self.trace.duration_s:
             return False
@@ -424,18 +577,42 @@ class Simulation:
     def _live(self) -> list[_Instance]:
         return [i for i in self.instances.values() if i.ended is None]
 
+    def _running(self) -> list[_Instance]:
+        """Live and not in the cold pool: what bills for its GPU."""
+        return [i for i in self.instances.values() if i.ended is None and i.stopped_since is None]
+
     # -- events
 
     def _on_arrive(self, job: _Job) -> None:
         self.waiting[job.queue].append(job)
-        free = [i for i in self._live() if i.queue == job.queue and self._can_claim(i)]
+        self.arrived[job.queue].append(job.arrival)
+        free = [i for i in self._live() if job.queue in i.queues and self._can_claim(i)]
         if free:
             self._claim(self.rng.choice(free))
 
     def _on_ready(self, inst: _Instance) -> None:
-        if inst.ended is None:
+        if inst.ended is None and inst.stopped_since is None:
+            if inst.ready is None:
+                inst.boot_s += self.now - inst.created
             inst.ready = self.now
+            inst.starting = False
             self._claim(inst)
+
+    def _on_restarted(self, data: tuple[_Instance, float]) -> None:
+        inst, asked = data
+        if inst.ended is None and inst.stopped_since is None and inst.starting:
+            inst.boot_s += self.now - asked
+            inst.starting = False
+            inst.last_job = self.now  # its idle time starts again from the restart, as the worker reports
+            self._claim(inst)
+
+    def _on_prices(self, _: Any) -> None:
+        """Each offer's price takes an hourly step; what is rented keeps the price it was rented at."""
+        for oid, so in self.offers.items():
+            base = so.offer.dph
+            moved = self.price[oid] * self.rng.lognormvariate(0.0, self.market.price_sigma)
+            self.price[oid] = round(min(1.25 * base, max(0.8 * base, moved)), 4)
+        self._at(self.now + 3600.0, "prices")
 
     def _on_done(self, data: tuple[_Instance, _Job, int]) -> None:
         inst, job, token = data
@@ -466,7 +643,7 @@ class Simulation:
         else:
             self.down_until[intr.machine_id] = self.now + intr.down_s
             self._at(self.now + intr.down_s, "up", intr.machine_id)
-        for inst in self._live():
+        for inst in self._running():
             if inst.offer.machine_id != intr.machine_id:
                 continue
             self.interrupted += 1
@@ -479,7 +656,7 @@ class Simulation:
                     job.token += 1  # its completion will never be reported
                     self._at(self.now + self.lease_s, "lease", (job, job.token))
             else:
-                self._end(inst)
+                self._end(inst, lag=False)  # outbid: the provider stops it, billing with it
 
     # -- instance and job mechanics
 
@@ -489,19 +666,29 @@ class Simulation:
             and inst.job is None
             and inst.draining_since is None
             and inst.silent_since is None
+            and inst.stopped_since is None
+            and not inst.starting
             and inst.ended is None
         )
 
     def _claim(self, inst: _Instance) -> None:
-        queue = self.waiting[inst.queue]
-        if not queue or not self._can_claim(inst):
+        if not self._can_claim(inst):
             return
+        # A worker serving several queues takes the longest-waiting job among them.
+        heads = [self.waiting[q] for q in inst.queues if self.waiting.get(q)]
+        if not heads:
+            return
+        queue = min(heads, key=lambda w: w[0].arrival)
         job = queue.popleft()
         job.token += 1
         job.instance, job.started = inst.id, self.now
         inst.job, inst.job_started, inst.last_job = job, self.now, self.now
         self.runs[job.queue].append((self.now, None, job))
-        self._at(self.now + job.service / inst.sim_offer.speed, "done", (inst, job, job.token))
+        run_s = job.service / inst.sim_offer.speed
+        if not inst.loaded:
+            run_s += self.market.load_s  # the models go from disk into GPU memory once
+            inst.loaded = True
+        self._at(self.now + run_s, "done", (inst, job, job.token))
 
     def _close_run(self, job: _Job) -> None:
         runs = self.runs[job.queue]
@@ -520,12 +707,18 @@ class Simulation:
         job.token += 1
         job.instance = None
         self.waiting[job.queue].appendleft(job)
-        free = [i for i in self._live() if i.queue == job.queue and self._can_claim(i)]
+        free = [i for i in self._live() if job.queue in i.queues and self._can_claim(i)]
         if free:
             self._claim(self.rng.choice(free))
 
-    def _end(self, inst: _Instance) -> None:
+    def _end(self, inst: _Instance, *, lag: bool = True) -> None:
+        """Destroyed (lag: the provider's meter runs on a while) or gone (outbid, the end)."""
         inst.ended = self.now
+        low, high = self.market.destroy_lag_s
+        inst.billed_until = self.now + (self.rng.uniform(low, high) if lag and high > 0 else 0.0)
+        if inst.stopped_since is not None:
+            inst.stopped_s += self.now - inst.stopped_since
+            inst.billed_until = self.now  # only its disk was billing, and that stops with the destroy
         job = inst.job
         if job is not None:
             if inst.silent_since is None:
@@ -536,6 +729,10 @@ class Simulation:
 
     # -- the tick: what the manager would see, and what it decides
 
+    def _offer_now(self, so: SimOffer) -> Offer:
+        price = self.price[so.offer.offer_id]
+        return so.offer if price == so.offer.dph else replace(so.offer, dph=price)
+
     def _tick(self) -> None:
         now = self.trace.start + timedelta(seconds=self.now)
         live = self._live()
@@ -543,7 +740,9 @@ class Simulation:
         snaps = [self._snapshot(q, now) for q in self.trace.queues]
         in_use = {i.offer.machine_id for i in live}
         offers = [
-            o.offer for o in self.trace.offers if o.offer.machine_id not in in_use and not self._down(o)
+            self._offer_now(o)
+            for o in self.trace.offers
+            if o.offer.machine_id not in in_use and not self._down(o)
         ]
         actions = self.decide(
             snaps,
@@ -551,15 +750,49 @@ class Simulation:
             offers,
             self.settings,
             now,
-            spend=Spend(today=self._spent_today(now)),
+            spend=Spend(today=self._spent_today(now), other_dph=self._lagging_dph()),
             avoided_machines=frozenset(self.avoided),
         )
         for action in actions:
             self._apply(action)
-        self.peak = max(self.peak, len(self._live()))
+        running = self._running()
+        self.peak = max(self.peak, len(running))
+        self.series.append(
+            (self.now, len(running), sum(len(w) for w in self.waiting.values()), self._spent())
+        )
 
     def _down(self, o: SimOffer) -> bool:
-        return self.down_until.get(o.offer.machine_id or "", 0.0) > self.now
+        return self.down_until.get(o.offer.machine_id or "", -math.inf) > self.now
+
+    def _storage_dph(self, so: SimOffer) -> float:
+        cost = so.storage_cost if so.storage_cost is not None else self.market.storage_cost
+        return cost * (so.offer.disk_gb or 0.0) / HOURS_PER_MONTH
+
+    def _download_usd(self, so: SimOffer, gb: float) -> float:
+        cost = so.inet_down_cost if so.inet_down_cost is not None else self.market.inet_down_cost
+        return cost * gb
+
+    def _boot(self, inst: _Instance) -> float | None:
+        """Seconds from the rent until it can work (None: never): the image pull (unless cached) and the
+        models' download at what the host's link really gives."""
+        so, m = inst.sim_offer, self.market
+        if m.ideal:
+            return so.boot_s
+        never = m.never_ready_p + (1.0 - (so.offer.reliability if so.offer.reliability is not None else 0.99))
+        if so.boot_s is None or self.rng.random() < never:
+            self.never_ready += 1
+            inst.download_usd += self._download_usd(so, m.image_gb)  # it pulls, then hangs
+            return None
+        if self.rng.random() < m.image_cached_p:
+            pull = 30.0
+        else:
+            pull = so.boot_s * self.rng.lognormvariate(0.0, m.boot_sigma)
+            if self.rng.random() < m.slow_pull_p:
+                pull *= m.slow_pull_factor
+            inst.download_usd += self._download_usd(so, m.image_gb)
+        mbps = (so.offer.inet_down_mbps or 500.0) * self.rng.uniform(*m.download_efficiency)
+        inst.download_usd += self._download_usd(so, m.model_gb)
+        return pull + m.model_gb * 8000.0 / mbps
 
     def _apply(self, action: Action) -> None:
         self.log.append(f"{self.now:8.0f}s {action.reason}")
@@ -568,12 +801,25 @@ class Simulation:
             busy = {i.offer.machine_id for i in self._live()}
             if sim_offer is None or sim_offer.offer.machine_id in busy or self._down(sim_offer):
                 return  # taken by someone else: the rent fails
+            if self.market.rent_fail_p and self.rng.random() < self.market.rent_fail_p:
+                self.rent_failures += 1
+                return  # the provider refused: nothing is rented, nothing recorded
             self.rents += 1
             self.last_rent[action.queue] = self.now
-            inst = _Instance(f"i{self.rents}", sim_offer, action.queue, created=self.now)
+            policy = self.settings.queues.get(action.queue)
+            queues = (action.queue, *(policy.packs if policy is not None else ()))
+            inst = _Instance(
+                f"i{self.rents}",
+                sim_offer,
+                queues,
+                created=self.now,
+                dph=self.price[sim_offer.offer.offer_id],
+                storage_dph=0.0 if self.market.ideal else self._storage_dph(sim_offer),
+            )
             self.instances[inst.id] = inst
-            if sim_offer.boot_s is not None:
-                self._at(self.now + sim_offer.boot_s, "ready", inst)
+            boot = self._boot(inst)
+            if boot is not None:
+                self._at(self.now + boot, "ready", inst)
         elif isinstance(action, Drain):
             inst = self.instances[action.instance.id]
             if inst.ended is None and inst.draining_since is None:
@@ -584,6 +830,25 @@ class Simulation:
                 if inst.job is not None and inst.silent_since is None and not action.release_jobs:
                     self.busy_destroys += 1
                 self._end(inst)
+        elif isinstance(action, ColdStop):
+            inst = self.instances[action.instance.id]
+            if inst.ended is None and inst.stopped_since is None and inst.job is None:
+                inst.stopped_since = self.now
+        elif isinstance(action, ColdStart):
+            inst = self.instances[action.instance.id]
+            if inst.ended is None and inst.stopped_since is not None:
+                stopped = self.now - inst.stopped_since
+                # Someone else may have rented the host's GPU meanwhile, likelier the longer it sat.
+                taken = 1.0 - math.exp(-stopped / self.market.host_taken_s)
+                if self.rng.random() < taken or self._down(inst.sim_offer):
+                    self.start_refused += 1
+                    self._end(inst, lag=False)  # the start is refused; the tick destroys it
+                    return
+                self.starts += 1
+                inst.stopped_s += stopped
+                inst.stopped_since = None
+                inst.starting, inst.loaded = True, False
+                self._at(self.now + self.rng.uniform(*self.market.restart_s), "restarted", (inst, self.now))
         elif isinstance(action, AvoidMachine):
             self.avoided.add(action.machine_id)
 
@@ -591,7 +856,10 @@ class Simulation:
         def at(t: float | None) -> datetime | None:
             return None if t is None else self.trace.start + timedelta(seconds=t)
 
-        if inst.ready is None:
+        dph = inst.dph
+        if inst.stopped_since is not None:
+            state, dph = InstanceState.STOPPED, inst.storage_dph
+        elif inst.ready is None or inst.starting:
             state = InstanceState.BOOTING
         elif inst.draining_since is not None:
             state = InstanceState.DRAINING
@@ -601,21 +869,24 @@ class Simulation:
             state = InstanceState.IDLE
         heartbeat = None
         if inst.ready is not None:
-            heartbeat = at(inst.silent_since) if inst.silent_since is not None else now
+            beat = self.market.heartbeat_s
+            seen = self.now if beat <= 0 else max(inst.ready, math.floor(self.now / beat) * beat)
+            heartbeat = at(inst.silent_since) if inst.silent_since is not None else at(seen)
         return InstanceView(
             id=inst.id,
             provider="sim",
-            queues=(inst.queue,),
+            queues=inst.queues,
             state=state,
-            dph=inst.offer.dph,
+            dph=dph + (0.0 if state == InstanceState.STOPPED else inst.storage_dph),
             gpu_name=inst.offer.gpu_name,
             machine_id=inst.offer.machine_id,
             created_at=at(inst.created) or now,
             ready_at=at(inst.ready),
             last_heartbeat_at=heartbeat,
-            last_job_at=at(inst.last_job),
+            last_job_at=at(inst.last_job if inst.stopped_since is None else inst.stopped_since),
             running_jobs=1 if inst.job is not None else 0,
             draining_since=at(inst.draining_since),
+            stopped_at=at(inst.stopped_since),
         )
 
     def _snapshot(self, queue: str, now: datetime) -> QueueSnapshot:
@@ -626,59 +897,144 @@ class Simulation:
         busy = sum(
             min(end if end is not None else self.now, self.now) - max(start, since) for start, end, _ in runs
         )
-        recent = sum(1 for j in self.jobs if self.now - 3600 < j.arrival <= self.now)  # as manager_queues()
+        # This queue's arrivals over the last hour, as manager_queues() counts them per queue.
+        arrived = self.arrived[queue]
+        while arrived and arrived[0] <= self.now - 3600:
+            arrived.popleft()
         measured = {gpu: n / (s / 3600) for gpu, (n, s) in self.measured[queue].items() if s > 0}
         last_rent = self.last_rent.get(queue)
+        forecast = self.forecast(queue, self._forecast_from(queue)) if self.forecast is not None else None
         return QueueSnapshot(
             name=queue,
             queued=len(waiting),
-            running=sum(1 for i in self._live() if i.job is not None and i.queue == queue),
+            running=sum(1 for i in self._live() if i.job is not None and i.job.queue == queue),
             oldest_wait_s=self.now - waiting[0].arrival if waiting else 0.0,
             recent_load=busy / self.load_window_s,
-            arrivals_per_hour=float(recent),
+            arrivals_per_hour=float(len(arrived)),
             last_rent_at=None if last_rent is None else self.trace.start + timedelta(seconds=last_rent),
             throughput=measured,
+            forecast_jobs=None if forecast is None else forecast[0],
+            forecast_busy_s=None if forecast is None else forecast[1],
         )
+
+    def _forecast_from(self, queue: str) -> float:
+        """The hour the forecast is asked for: from now, or, within the pre-warm lead before the queue's
+        window opens, from the opening (as the tick asks gpuq.queue_forecast())."""
+        spec = self.trace.queues.get(queue)
+        if spec is None or not spec.windows or self.settings.prewarm_s <= 0:
+            return self.now
+        now = self.trace.start + timedelta(seconds=self.now)
+        opens = next_window_opens_at(QueuePolicy(windows=spec.windows, tz=spec.tz), now)
+        if opens is None or opens <= now or (opens - now).total_seconds() > self.settings.prewarm_s:
+            return self.now
+        return (opens - self.trace.start).total_seconds()
+
+    def _lagging_dph(self) -> float:
+        """$/h still billing for instances already destroyed (the provider's lag): the manager's books
+        see it as spend that is not one of its live instances."""
+        return sum(
+            i.dph + i.storage_dph
+            for i in self.instances.values()
+            if i.ended is not None and i.billed_until is not None and i.billed_until > self.now
+        )
+
+    def _billed(self, inst: _Instance, upto: float, since: float = -math.inf) -> float:
+        """$ an instance billed in [since, upto): GPU while not stopped, disk always, its downloads."""
+        end = min(upto, inst.billed_until if inst.billed_until is not None else upto)
+        start = max(inst.created, since)
+        if end <= start:
+            return 0.0
+        stopped = inst.stopped_s
+        if inst.stopped_since is not None and inst.ended is None:
+            stopped += max(0.0, upto - inst.stopped_since)
+        gpu_s = max(0.0, end - start - (stopped if since == -math.inf else 0.0))
+        total = (inst.dph * gpu_s + inst.storage_dph * (end - start)) / 3600
+        return total + (inst.download_usd if inst.created >= since else 0.0)
+
+    def _spent(self) -> float:
+        return sum(self._billed(i, self.now) for i in self.instances.values())
 
     def _spent_today(self, now: datetime) -> float:
         day_start = (budget_day_start(now, self.settings.budget_tz) - self.trace.start).total_seconds()
-        total = 0.0
-        for inst in self.instances.values():
-            end = inst.ended if inst.ended is not None else self.now
-            total += inst.offer.dph * max(0.0, end - max(inst.created, day_start)) / 3600
-        return total
+        return sum(self._billed(i, self.now, day_start) for i in self.instances.values())
 
     # -- the report
 
+    def in_window(self, queue: str, t: float) -> bool:
+        spec = self.trace.queues.get(queue)
+        if spec is None or not spec.windows:
+            return True
+        return in_window(
+            QueuePolicy(windows=spec.windows, tz=spec.tz), self.trace.start + timedelta(seconds=t)
+        )
+
+    def window_openings(self, queue: str) -> list[float]:
+        """When the queue's allowed hours open within the trace (seconds)."""
+        spec = self.trace.queues.get(queue)
+        if spec is None or not spec.windows:
+            return []
+        policy = QueuePolicy(windows=spec.windows, tz=spec.tz)
+        found, t = [], -self.market.lead_s
+        while t < self.trace.duration_s:
+            opens = next_window_opens_at(policy, self.trace.start + timedelta(seconds=t))
+            if opens is None:
+                break
+            s = (opens - self.trace.start).total_seconds()
+            if s <= t:  # open now: the next opening is after this window closes
+                closes = window_closes_at(policy, self.trace.start + timedelta(seconds=t))
+                if closes is None:
+                    break
+                t = (closes - self.trace.start).total_seconds() + 1
+                continue
+            if s < self.trace.duration_s:
+                found.append(s)
+            t = s + 1
+        return found
+
     def _report(self) -> SimReport:
         busy = idle = boot = orphan = 0.0
-        busy_c = idle_c = boot_c = orphan_c = 0.0
+        busy_c = idle_c = boot_c = orphan_c = lag_c = download_c = storage_c = 0.0
         for inst in self.instances.values():
-            assert inst.ended is not None
-            dph = inst.offer.dph / 3600
+            assert inst.ended is not None and inst.billed_until is not None
+            dph = inst.dph / 3600
             life = inst.ended - inst.created
+            lag_c += (inst.billed_until - inst.ended) * dph
+            storage_c += (inst.billed_until - inst.created) * inst.storage_dph / 3600
+            download_c += inst.download_usd
             if inst.ready is None:
                 orphan += life
                 orphan_c += life * dph
                 continue
             silent = inst.ended - inst.silent_since if inst.silent_since is not None else 0.0
-            b = inst.ready - inst.created
-            i = max(0.0, life - b - inst.busy_s - silent)
+            b = inst.boot_s
+            i = max(0.0, life - b - inst.busy_s - silent - inst.stopped_s)
             busy, idle, boot, orphan = busy + inst.busy_s, idle + i, boot + b, orphan + silent
             busy_c += inst.busy_s * dph
             idle_c += i * dph
             boot_c += b * dph
             orphan_c += silent * dph
-        waits = sorted(
-            (j.started if j.done is not None and j.started is not None else self.now) - j.arrival
-            for j in self.jobs
-        )
+
+        def wait(j: _Job) -> float:
+            return (j.started if j.done is not None and j.started is not None else self.now) - j.arrival
+
+        waits = sorted(wait(j) for j in self.jobs)
+        inside = sorted(wait(j) for j in self.jobs if self.in_window(j.queue, j.arrival))
+        per_queue = {
+            q: percentile(
+                sorted(wait(j) for j in self.jobs if j.queue == q and self.in_window(q, j.arrival)), 95
+            )
+            for q in self.trace.queues
+        }
+        first: list[float] = []
+        for q in self.trace.queues:
+            for opens in self.window_openings(q) or ([0.0] if self._opens_at_start(q) else []):
+                first += [wait(j) for j in self.jobs if j.queue == q and opens <= j.arrival < opens + 1800]
         return SimReport(
             trace=self.trace.name,
             policy=self.name,
             jobs=len(self.jobs),
             completed=sum(1 for j in self.jobs if j.done is not None),
-            cost=busy_c + idle_c + boot_c + orphan_c,
+            cost=busy_c + idle_c + boot_c + orphan_c + lag_c + download_c + storage_c,
             busy_h=busy / 3600,
             idle_h=idle / 3600,
             boot_h=boot / 3600,
@@ -694,7 +1050,23 @@ class Simulation:
             interrupted=self.interrupted,
             busy_destroys=self.busy_destroys,
             lower_bound=lower_bound(self.trace),
+            market=self.market.label,
+            lag_cost=lag_c,
+            download_cost=download_c,
+            storage_cost=storage_c,
+            wait_p95_in_window_s=percentile(inside, 95),
+            first_open_p95_s=percentile(sorted(first), 95) if first else None,
+            rent_failures=self.rent_failures,
+            never_ready=self.never_ready,
+            starts=self.starts,
+            start_refused=self.start_refused,
+            queue_p95_s=per_queue,
+            series=tuple(self.series),
         )
+
+    def _opens_at_start(self, queue: str) -> bool:
+        """The trace starts as the queue's window opens (its first minute is in, the minute before not)."""
+        return self.in_window(queue, 0.0) and not self.in_window(queue, -60.0)
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
@@ -733,7 +1105,8 @@ def hindsight_fleet_cost(trace: Trace, utilisation: float = 1.0, slot_s: float =
     each rented at most once, whose speeds add up to load / utilisation (a load beyond all of them is
     charged all of them). No boot, outbid or queueing is charged. Under a steady load this is a best case
     that shows what GPUs coming whole and `utilisation` headroom cost on top of the lower bound; under a
-    trickle of jobs it is not (it never scales to zero between jobs).
+    trickle of jobs it is not (it never scales to zero between jobs). Only slots within the queue's
+    allowed hours are charged: no policy may run a GPU outside them.
     """
     step = 0.01  # speed is counted in hundredths, offers' speeds rounded down: the fleet never falls short
     total = 0.0
@@ -747,8 +1120,12 @@ def hindsight_fleet_cost(trace: Trace, utilisation: float = 1.0, slot_s: float =
             for c in range(most, 0, -1):
                 cheapest[c] = min(cheapest[c], cheapest[max(0, c - u)] + dph)
         jobs = [(t, w) for t, q, w in trace.jobs if q == name]
+        hours = QueuePolicy(windows=spec.windows, tz=spec.tz)
         t = 0.0
         while t < trace.duration_s:
+            if not in_window(hours, trace.start + timedelta(seconds=t + slot_s / 2)):
+                t += slot_s
+                continue
             # The hour around the slot, cut to the trace: its first and last slots see half an hour.
             lo, hi = max(0.0, t + slot_s / 2 - 1800), min(trace.duration_s, t + slot_s / 2 + 1800)
             need = sum(w for a, w in jobs if lo <= a < hi) / (hi - lo) / utilisation
@@ -761,11 +1138,58 @@ def simulate(trace: Trace, decide: Callable[..., list[Action]], **kwargs: Any) -
     return Simulation(trace, decide, **kwargs).run()
 
 
-def compare(trace: Trace, seed: int = 0) -> tuple[SimReport, SimReport]:
+def history_forecast(trace: Trace, seed: int = 0) -> Callable[[str, float], tuple[float, float]]:
+    """What gpuq.queue_forecast() would answer from past days like this trace: each queue's jobs and
+    work over the next hour, smoothed over two hours (history averages days; it does not know today's
+    noise) and scaled by a seeded day-to-day factor (today may be busier or quieter than usual)."""
+    factor = random.Random(seed * 7919 + 1).lognormvariate(0.0, 0.2)
+    per_queue: dict[str, list[tuple[float, float]]] = {}
+    speed: dict[str, float] = {}
+    for name, spec in trace.queues.items():
+        # History's run times are on the GPUs that ran them: take the queue's offers' mean speed.
+        working = _working_offers(trace, spec)
+        speed[name] = mean(o.speed for o in working) if working else 1.0
+    for t, q, w in sorted(trace.jobs):
+        per_queue.setdefault(q, []).append((t, w))
+
+    def forecast(queue: str, t: float) -> tuple[float, float]:
+        # The history is daily: the hour ahead, spread over the two hours around its middle.
+        jobs = [w for a, w in per_queue.get(queue, ()) if t - 1800 <= a < t + 5400]
+        return len(jobs) / 2 * factor, sum(jobs) / 2 / speed.get(queue, 1.0) * factor
+
+    return forecast
+
+
+def compare(
+    trace: Trace,
+    seed: int = 0,
+    market: Market = HONEST,
+    levers: Sequence[str] = DEFAULT_LEVERS,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[SimReport, SimReport]:
     from manager.policy import decide
 
-    ours = simulate(trace, decide, seed=seed, name="gpuq")
-    naive = simulate(trace, naive_looks_decide, seed=seed, name="naive LOOKS")
+    settings = policy_settings(trace, market, levers)
+    forecast = history_forecast(trace, seed) if settings.prewarm_s > 0 else None
+    ours = simulate(
+        trace,
+        decide,
+        settings=settings,
+        market=market,
+        seed=seed,
+        name="gpuq",
+        forecast=forecast,
+        progress=progress,
+    )
+    naive = simulate(
+        trace,
+        naive_looks_decide,
+        settings=policy_settings(trace, market, ()),
+        market=market,
+        seed=seed,
+        name="naive LOOKS",
+        progress=progress,
+    )
     return ours, naive
 
 
@@ -801,7 +1225,28 @@ _MARKET = [
 ]
 
 
-def _market() -> list[dict[str, Any]]:
+# The Vast fields the honest market draws from, per offer in _MARKET's order: inet_down_mbps,
+# inet_down_cost ($/GB), storage_cost ($/GB-month), reliability. Spread as Vast's listings are.
+_HOSTS = [
+    (450, 0.010, 0.15, 0.985),
+    (900, 0.008, 0.20, 0.990),
+    (300, 0.015, 0.10, 0.970),
+    (1200, 0.005, 0.15, 0.995),
+    (650, 0.010, 0.12, 0.990),
+    (2000, 0.004, 0.25, 0.995),
+    (500, 0.020, 0.10, 0.980),
+    (800, 0.010, 0.15, 0.950),
+    (1000, 0.006, 0.18, 0.990),
+    (400, 0.012, 0.15, 0.985),
+    (1500, 0.005, 0.20, 0.995),
+    (700, 0.010, 0.15, 0.990),
+    (1100, 0.008, 0.22, 0.993),
+    (600, 0.010, 0.15, 0.985),
+]
+
+
+def _market(extra: Sequence[tuple[str, int, float, float, float | None]] = ()) -> list[dict[str, Any]]:
+    hosts = _HOSTS + [(700, 0.01, 0.15, 0.985)] * len(extra)
     return [
         {
             "offer_id": f"o{n + 1}",
@@ -811,9 +1256,13 @@ def _market() -> list[dict[str, Any]]:
             "dph": dph,
             "speed": speed,
             "boot_s": boot,
-            "reliability": 0.99,
+            "reliability": hosts[n][3],
+            "inet_down_mbps": hosts[n][0],
+            "inet_down_cost": hosts[n][1],
+            "storage_cost": hosts[n][2],
+            "disk_gb": 100,
         }
-        for n, (gpu, vram, dph, speed, boot) in enumerate(_MARKET)
+        for n, (gpu, vram, dph, speed, boot) in enumerate([*_MARKET, *extra])
     ]
 
 
@@ -891,6 +1340,41 @@ def generate_traces() -> dict[str, dict[str, Any]]:
         "offers": _market(),
         "jobs": jobs,
         "interruptions": [],
+    }
+
+    # What users run: a busy image queue and a small Spanish TTS queue (short jobs that need a fraction
+    # of a GPU) in the same hours. TTS may also rent the cheaper 24 GB cards the image queue cannot use.
+    rng = random.Random(44)
+
+    def image_rate(t: float) -> float:
+        h = 9 + t / 3600
+        return 40 + 40 * math.exp(-(((h - 13) / 2) ** 2)) + 50 * math.exp(-(((h - 21) / 2) ** 2))
+
+    jobs = [[t, "image", _service(rng, 45)] for t in _arrivals(rng, image_rate, 16 * 3600)]
+    jobs += [[t, "tts", _service(rng, 8)] for t in _arrivals(rng, lambda t: 15.0, 16 * 3600)]
+    jobs.sort()
+    tts = {
+        "gpu_names": [*TRYON["gpu_names"], "RTX 4090", "RTX 3090"],
+        "min_vram_mb": 20000,
+        "max_dph": 1.3,
+        "windows": ["09:00-01:00"],
+        "tz": MADRID,
+    }
+    traces["image_and_tts"] = {
+        "name": "image_and_tts",
+        "description": "A weekday: an image queue (40-130 jobs/h, ~45 s), a TTS queue (15 jobs/h, ~8 s).",
+        "start": "2025-03-14T09:00:00+01:00",
+        "duration_s": 16 * 3600,
+        "queues": {"image": TRYON, "tts": tts},
+        "offers": _market(
+            [
+                ("RTX 3090", 24576, 0.16, 0.55, 600),
+                ("RTX 4090", 24564, 0.29, 1.2, 660),
+                ("RTX 4090", 24564, 0.31, 1.2, 720),
+            ]
+        ),
+        "jobs": jobs,
+        "interruptions": [{"t_s": 7 * 3600, "machine_id": "m6", "kind": "outbid", "down_s": 3600}],
     }
     return traces
 

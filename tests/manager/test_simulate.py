@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
+from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -14,6 +16,8 @@ from hypothesis import strategies as st
 from manager.policy import Window, decide
 from manager.providers.base import Offer
 from manager.simulate import (
+    HONEST,
+    IDEAL,
     SHIPPED,
     TRACES_DIR,
     Interruption,
@@ -59,7 +63,7 @@ def tiny(jobs: list[tuple[float, str, float]], offers: list[SimOffer], **kw: obj
 
 def test_one_job_costs_its_boot_work_and_idle_timeout() -> None:
     trace = tiny([(10.0, "q", 120.0)], [sim_offer(1, 0.36, speed=2.0, boot_s=60.0)])
-    r = simulate(trace, decide)
+    r = simulate(trace, decide, market=IDEAL)
     # Rented at the 30 s tick, ready at 90 s, runs 60 s to 150 s, destroyed at the 750 s tick (idle 10 min).
     assert r.completed == 1 and r.rents == 1
     assert r.wait_p50_s == pytest.approx(80.0)
@@ -76,7 +80,7 @@ def test_outbid_puts_the_job_back_and_it_still_completes() -> None:
     trace = tiny(
         [(0.0, "q", 600.0)], offers, interruptions=[Interruption(300.0, "m1", "outbid", down_s=None)]
     )
-    sim = Simulation(trace, decide)
+    sim = Simulation(trace, decide, market=IDEAL)
     r = sim.run()
     assert r.interrupted == 1 and r.completed == 1
     job = sim.jobs[0]
@@ -87,7 +91,7 @@ def test_outbid_puts_the_job_back_and_it_still_completes() -> None:
 def test_silent_instance_is_destroyed_its_job_released_and_the_silence_counted_as_orphan() -> None:
     offers = [sim_offer(1, 0.3, boot_s=60.0), sim_offer(2, 0.4, boot_s=60.0)]
     trace = tiny([(0.0, "q", 600.0)], offers, interruptions=[Interruption(200.0, "m1", "silent")])
-    sim = Simulation(trace, decide)
+    sim = Simulation(trace, decide, market=IDEAL)
     r = sim.run()
     assert r.completed == 1 and r.busy_destroys == 0
     first = sim.instances["i1"]
@@ -99,7 +103,7 @@ def test_silent_instance_is_destroyed_its_job_released_and_the_silence_counted_a
 def test_a_machine_that_never_boots_is_replaced_and_avoided() -> None:
     offers = [sim_offer(1, 0.2, boot_s=None), sim_offer(2, 0.4, boot_s=60.0)]
     trace = tiny([(0.0, "q", 60.0), (2000.0, "q", 60.0)], offers)
-    sim = Simulation(trace, decide)
+    sim = Simulation(trace, decide, market=IDEAL)
     r = sim.run()
     assert r.completed == 2
     assert "m1" in sim.avoided
@@ -107,7 +111,7 @@ def test_a_machine_that_never_boots_is_replaced_and_avoided() -> None:
     assert r.orphan_cost == pytest.approx(0.2 * 1200 / 3600)  # the ready timeout's worth
     assert r.wait_p95_s < 1200.0 + 30.0 + 60.0 + 30.0  # ready timeout, a tick, the boot, a tick
     # The naive baseline has no ready timeout: the first job sits on the broken machine for 30 minutes.
-    naive = simulate(trace, naive_looks_decide)
+    naive = simulate(trace, naive_looks_decide, market=IDEAL)
     assert naive.wait_p95_s > 1800.0
 
 
@@ -115,7 +119,7 @@ def test_outside_allowed_hours_jobs_wait_for_the_window() -> None:
     queue = QueueSpec(max_dph=1.3, windows=(Window.parse("09:00-01:00"),), tz="Europe/Madrid")
     start = datetime(2025, 3, 12, 2, 0, tzinfo=MADRID)  # closed until 09:00
     trace = tiny([(0.0, "q", 60.0)], [sim_offer(1, 0.3)], start=start, queues={"q": queue})
-    sim = Simulation(trace, decide)
+    sim = Simulation(trace, decide, market=IDEAL)
     r = sim.run()
     assert r.completed == 1
     assert sim.instances["i1"].created == pytest.approx(7 * 3600)
@@ -125,7 +129,7 @@ def test_outside_allowed_hours_jobs_wait_for_the_window() -> None:
 def test_naive_baseline_keeps_instances_30_minutes_and_at_most_4() -> None:
     offers = [sim_offer(n, 0.3 + n / 100) for n in range(8)]
     trace = tiny([(float(t), "q", 300.0) for t in range(10)], offers)
-    sim = Simulation(trace, naive_looks_decide)
+    sim = Simulation(trace, naive_looks_decide, market=IDEAL)
     r = sim.run()
     assert r.peak_instances == 4 and r.completed == 10
     for inst in sim.instances.values():
@@ -167,19 +171,35 @@ def test_shipped_traces_are_the_generated_ones() -> None:
     assert set(generate_traces()) == set(SHIPPED)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_trace_benchmark_claims(name: str) -> None:
+@pytest.mark.parametrize("name", ["steady_day", "bursty_launch", "quiet_night"])
+def test_shipped_trace_benchmark_claims_on_the_ideal_market(name: str) -> None:
     trace = load_trace(name)
-    ours, naive = compare(trace)
+    ours, naive = compare(trace, market=IDEAL)
     for r in (ours, naive):
         assert r.completed == r.jobs > 0
         assert r.busy_destroys == 0
         assert r.cost >= r.lower_bound
         assert math.isclose(r.cost, r.busy_cost + r.idle_cost + r.boot_cost + r.orphan_cost)
-    # The benchmark's figures, with a margin so a small change in the policy shows up here first.
+        assert r.download_cost == r.storage_cost == r.lag_cost == 0.0
+    # The old benchmark's figures, with a margin so a small change in the policy shows up here first.
     assert ours.cost_per_job <= 0.82 * naive.cost_per_job
     assert ours.wait_p95_s <= naive.wait_p95_s
     assert ours.peak_instances <= 8 and naive.peak_instances <= 4
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_traces_on_the_honest_market_serve_everything_and_bill_every_part(name: str) -> None:
+    trace = load_trace(name)
+    ideal, _ = compare(trace, market=IDEAL)
+    ours, naive = compare(trace, market=HONEST)
+    for r in (ours, naive):
+        assert r.completed == r.jobs > 0
+        assert r.busy_destroys == 0
+        parts = r.busy_cost + r.idle_cost + r.boot_cost + r.orphan_cost
+        assert math.isclose(r.cost, parts + r.lag_cost + r.download_cost + r.storage_cost)
+        assert r.download_cost > 0 and r.storage_cost > 0  # every boot downloads; disks bill
+        assert r.market == "honest"
+    assert ours.cost > ideal.cost  # the honest market costs more than the optimistic one said
 
 
 def test_main_prints_the_comparison(capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,7 +234,7 @@ def test_property_any_workload_is_served_and_ends_at_zero(
         duration_s=3 * 3600.0,
         interruptions=[Interruption(t, f"m{n}", kind, down_s=1800.0) for t, n, kind in faults],
     )
-    sim = Simulation(trace, decide, tail_s=6 * 3600.0)
+    sim = Simulation(trace, decide, market=IDEAL, tail_s=6 * 3600.0)
     r = sim.run()
     assert r.completed == r.jobs
     assert r.busy_destroys == 0
@@ -223,3 +243,71 @@ def test_property_any_workload_is_served_and_ends_at_zero(
     assert sim.now < trace.duration_s + 6 * 3600.0
     assert all(i.ended is not None and i.ended <= sim.now for i in sim.instances.values())
     assert lower_bound(trace) == pytest.approx(r.lower_bound)
+
+
+def test_arrivals_per_hour_counts_only_its_own_queue() -> None:
+    # Production's manager_queues() counts arrivals per queue; the simulator once counted every queue's.
+    trace = tiny(
+        [(float(t), "a", 10.0) for t in range(0, 600, 60)] + [(5.0, "b", 10.0)],
+        [sim_offer(1, 0.3)],
+        queues={"a": QueueSpec(max_dph=1.3), "b": QueueSpec(max_dph=1.3)},
+    )
+    sim = Simulation(trace, decide, market=IDEAL)
+    sim.run()
+    sim.now = 900.0
+    sim.arrived = {"a": deque(float(t) for t in range(0, 600, 60)), "b": deque([5.0])}
+    start = trace.start
+    assert sim._snapshot("a", start).arrivals_per_hour == 10
+    assert sim._snapshot("b", start).arrivals_per_hour == 1
+
+
+def test_honest_market_bills_downloads_storage_and_the_destroy_lag() -> None:
+    offers = [replace(sim_offer(1, 0.36, boot_s=300.0), inet_down_cost=0.02, storage_cost=0.3)]
+    trace = tiny([(10.0, "q", 120.0)], offers)
+    market = replace(HONEST, never_ready_p=0.0, rent_fail_p=0.0, image_cached_p=0.0)
+    sim = Simulation(trace, decide, market=market, seed=3)
+    r = sim.run()
+    inst = sim.instances["i1"]
+    assert r.completed == 1 and r.rents == 1
+    # image + models at $0.02/GB
+    assert r.download_cost == pytest.approx((market.image_gb + market.model_gb) * 0.02)
+    assert inst.billed_until is not None and inst.ended is not None
+    lag = inst.billed_until - inst.ended
+    assert market.destroy_lag_s[0] <= lag <= market.destroy_lag_s[1]
+    assert r.lag_cost == pytest.approx(lag * inst.dph / 3600)  # the price it was rented at (prices move)
+    life = inst.billed_until - inst.created
+    assert r.storage_cost == pytest.approx(life * 0.3 * 200 / 720 / 3600)
+    # The 40 GB download at under 500 Mbps adds at least 640 s to the boot; the first job loads the models.
+    assert r.boot_h * 3600 >= 640.0
+    assert sim.jobs[0].done - sim.jobs[0].started == pytest.approx(120.0 + market.load_s)
+
+
+def test_honest_rents_fail_and_offers_never_ready_by_their_reliability() -> None:
+    offers = [sim_offer(n, 0.3 + n / 100) for n in range(10)]
+    trace = tiny([(float(t), "q", 30.0) for t in range(0, 3600, 20)], offers)
+    failures = never = 0
+    for seed in range(5):
+        r = simulate(trace, decide, market=replace(HONEST, rent_fail_p=0.5, never_ready_p=0.3), seed=seed)
+        assert r.completed == r.jobs
+        failures += r.rent_failures
+        never += r.never_ready
+    assert failures > 0 and never > 0
+
+
+def test_in_window_p95_leaves_out_jobs_that_arrive_while_no_gpu_may_run() -> None:
+    queue = QueueSpec(max_dph=1.3, windows=(Window.parse("09:00-01:00"),), tz="Europe/Madrid")
+    start = datetime(2025, 3, 12, 8, 0, tzinfo=MADRID)  # closed until 09:00
+    jobs = [(60.0 * n, "q", 60.0) for n in range(3)] + [(3600.0 + 60 * n, "q", 10.0) for n in range(20)]
+    trace = tiny(jobs, [sim_offer(1, 0.3)], start=start, queues={"q": queue}, duration_s=7200.0)
+    r = simulate(trace, decide, market=IDEAL)
+    assert r.wait_p95_s >= 3000.0  # the 08:00 jobs wait for the window
+    assert r.wait_p95_in_window_s < 600.0
+    assert r.first_open_p95_s is not None and r.first_open_p95_s < 600.0
+
+
+def test_hindsight_fleet_charges_only_the_allowed_hours() -> None:
+    jobs = [(t, "q", 60.0) for t in range(0, 7200, 100)]
+    open_all = tiny(jobs, [sim_offer(0, 1.0)], duration_s=7200.0)
+    queue = QueueSpec(max_dph=1.3, windows=(Window.parse("13:00-23:00"),), tz="Europe/Madrid")
+    half = tiny(jobs, [sim_offer(0, 1.0)], duration_s=7200.0, queues={"q": queue})  # 12:00-14:00
+    assert hindsight_fleet_cost(half, 1.0) == pytest.approx(hindsight_fleet_cost(open_all, 1.0) / 2)
