@@ -127,8 +127,8 @@ def in_user_words(message: str) -> str:
     """A refusal from the database in the user's terms: a check constraint's name (which says what is
     wrong, e.g. max_attempts_must_be_between_1_and_100) as words naming the option; a function
     argument (p_older_than) without its prefix."""
-    match = _CONSTRAINT.search(message) or re.fullmatch(r".*\((\w+_must_\w+)\)", message)
-    if match:
+    match = _CONSTRAINT.search(message) or re.fullmatch(r".*\((\w+)\)", message)
+    if match and "_must_" in match[1]:  # gpuq's constraints are named as rules; others keep their message
         name = match[1]
         for column, option in OPTION_OF.items():
             if name.startswith(column + "_must_"):

@@ -4,8 +4,10 @@ and the exit code the README's table gives (0 done, 1 not achieved, 2 bad usage 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,21 @@ def test_help_texts_say_what_the_options_and_subcommands_do() -> None:
     worker = gpuq("worker", "--help", env={}).stdout
     for backend in ("comfyui", "imageops", "f5tts"):
         assert backend in worker
+
+
+def test_ctrl_c_while_waiting_is_one_line_and_exit_130(client: Client) -> None:
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "gpuq.cli", "submit", "ops", "{}", "--wait"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": client.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert waiting.stdout is not None
+    job_id = int(waiting.stdout.readline())
+    time.sleep(0.5)  # into the wait
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130, err
+    assert err == "gpuq: interrupted\n"
+    assert client.get(job_id).status == "queued"  # the job goes on
