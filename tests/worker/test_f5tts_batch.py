@@ -21,8 +21,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from gpuq.client import Client
 from scripts.bench_f5tts import build_random_assets
 from tests.worker.test_f5tts import REF_SAMPLES, REF_TEXT, SR, TINY_ARCH, VOCAB, expected_chunks, make_ctx
+from tests.worker.test_worker import WorkerProc, output_file, start_worker  # noqa: F401 (a fixture)
 from worker.backends.base import BackendResult, JobContext
 from worker.backends.f5tts import F5TTSBackend
 from worker.errors import ErrorCode, JobError
@@ -139,6 +141,30 @@ def test_batched_jobs_equal_each_job_alone(
     assert batched._batcher is not None and batched._batcher.batches[-1]["jobs"] == len(JOBS)
 
 
+def test_base_architecture_batched_equals_alone(assets: dict[str, str], tmp_path: Path) -> None:
+    """F5TTS_Base (what the Spanish fine-tune uses: no text padding mask, one positional attention head)."""
+    torch.manual_seed(1)
+    base = build_random_assets(tmp_path / "base", base="F5TTS_Base", arch=TINY_ARCH, vocab=VOCAB)
+    backends = [
+        F5TTSBackend(**base, voices_dir=assets["voices_dir"], device="cpu", max_batch=n) for n in (1, 8)
+    ]
+    for b in backends:
+        b.start()
+    try:
+        payloads = JOBS[:2] + JOBS[3:]
+        expected = [
+            wave_of(backends[0].run(make_ctx(tmp_path / f"a{i}", {"nfe_step": 6, **p})[0]))
+            for i, p in enumerate(payloads)
+        ]
+        results = run_together(backends[1], tmp_path / "b", payloads, rows=len(payloads))
+        for want, got in zip(expected, results, strict=True):
+            assert isinstance(got, BackendResult) and got.metrics["batch_size"] == len(payloads)
+            assert_same_audio(wave_of(got), want)
+    finally:
+        for b in backends:
+            b.close()
+
+
 def test_max_batch_and_settings_split_batches(
     assets: dict[str, str], alone: F5TTSBackend, tmp_path: Path
 ) -> None:
@@ -251,3 +277,39 @@ def test_batch_settings_are_checked() -> None:
         BACKENDS["f5tts"]({"F5TTS_MAX_BATCH": "0"})
     with pytest.raises(ValueError, match="F5TTS_BATCH_WINDOW_MS must be between"):
         BACKENDS["f5tts"]({"F5TTS_BATCH_WINDOW_MS": "-1"})
+
+
+def test_a_worker_runs_its_queued_tts_jobs_as_one_batch(
+    client: Client,
+    request: pytest.FixtureRequest,
+    assets: dict[str, str],
+    alone: F5TTSBackend,
+    tmp_path: Path,
+) -> None:
+    """The real worker process on real Postgres: four queued TTS jobs, claimed together by four slots,
+    share forward passes, and each job's stored audio is its audio alone."""
+    start: Callable[..., WorkerProc] = request.getfixturevalue("start_worker")  # test_worker's fixture
+    payloads = [{"nfe_step": 6, **p} for p in JOBS]
+    ids = [client.enqueue("tts", p) for p in payloads]  # queued before the worker starts: claimed at once
+    w = start(
+        "tts=f5tts",
+        GPUQ_CONCURRENCY="f5tts=4",
+        F5TTS_MODEL=assets["model"],
+        F5TTS_CKPT_FILE=assets["ckpt_file"],
+        F5TTS_VOCAB_FILE=assets["vocab_file"],
+        F5TTS_VOCODER_DIR=assets["vocoder_dir"],
+        F5TTS_VOICES_DIR=assets["voices_dir"],
+        F5TTS_DEVICE="cpu",
+        F5TTS_MAX_BATCH="8",
+        HF_HUB_OFFLINE="1",
+    )
+    sizes = []
+    for job_id, payload in zip(ids, payloads, strict=True):
+        job = client.wait(job_id, timeout=120)
+        assert job.status == "succeeded", (job.error_code, job.error_message, w.log)
+        assert job.result is not None
+        [out] = job.result["outputs"]
+        sizes.append(job.result["metrics"]["batch_size"])
+        want = wave_of(alone.run(make_ctx(tmp_path / f"alone-{job_id}", payload)[0]))
+        assert_same_audio(sf.read(str(output_file(out["url"])))[0], want)
+    assert max(sizes) > 1, sizes  # jobs shared a forward pass

@@ -250,8 +250,10 @@ class Batcher:
 
         jobs = list({id(r.job): r.job for r in rows}.values())
         record: dict[str, Any] = {"rows": len(rows), "jobs": len(jobs), "steps": 0, "abandoned": False}
+        started = time.monotonic()
         try:
             waves = self._forward(rows, record)
+            record["seconds"] = round(time.monotonic() - started, 4)
         except _Abandoned:
             record["abandoned"] = True
             self.batches.append(record)
@@ -358,10 +360,12 @@ class Batcher:
             y0 = pad_sequence([r.noise for r in rows], padding_value=0, batch_first=True)
             t = get_epss_timesteps(nfe_step, device=device, dtype=dtype)
             t = t + SWAY_SAMPLING_COEF * (torch.cos(torch.pi / 2 * t) - 1 + t)
+            ode_started = time.monotonic()
             try:
                 trajectory = odeint(fn, y0, t, **model.odeint_kwargs)
             finally:
                 model.transformer.clear_cache()
+            record["ode_seconds"] = round(time.monotonic() - ode_started, 4)
             out = torch.where(cond_mask, cond, trajectory[-1])
 
             waves = []
