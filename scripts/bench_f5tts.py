@@ -2,6 +2,7 @@
 
     python scripts/bench_f5tts.py                 # full-size F5TTS_v1_Base (~337 M parameters), GPU
     python scripts/bench_f5tts.py --arch tiny     # a tiny DiT, runs in seconds on a CPU
+    python scripts/bench_f5tts.py --batch 8       # sequential jobs vs 8 jobs at once, batched
 
 Random weights give real timings: the work per job depends on the architecture and the lengths of
 text and reference, not on the weights' values. Nothing is downloaded (HF_HUB_OFFLINE=1): the
@@ -9,6 +10,13 @@ checkpoint and the Vocos vocoder are built from their configs. For each NFE (16,
 runs the same jobs through `F5TTSBackend.run` and through `F5TTS.infer(file_wave=...)`, and prints
 jobs/s and the real-time factor (wall seconds per second of audio) of each path, plus the largest
 difference between the two paths' waveforms for the same seed.
+
+With --batch N it compares instead a backend that runs jobs one after another (F5TTS_MAX_BATCH=1, the
+jobs submitted one by one) with one that batches across jobs (F5TTS_MAX_BATCH=N, N jobs submitted at once
+from N threads, as a worker's slots do with GPUQ_CONCURRENCY f5tts=N): jobs/s, aggregate real-time factor
+(wall seconds per second of audio produced), the speed-up, the batch sizes the jobs ran in, and the largest
+difference between a job's batched audio and its sequential audio (same seed). The jobs alternate between
+the text and its first sentence, so batches hold rows of different lengths.
 """
 
 from __future__ import annotations
@@ -170,6 +178,7 @@ def main() -> None:
     parser.add_argument("--text", default=GEN_TEXT)
     parser.add_argument("--ref-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--batch", type=int, metavar="N", help="sequential vs N jobs at once, batched")
     args = parser.parse_args()
 
     from f5_tts.api import F5TTS
@@ -187,7 +196,10 @@ def main() -> None:
     write_reference(voices / "bench.wav", args.ref_seconds)
     (voices / "bench.txt").write_text(REF_TEXT)
 
-    backend = F5TTSBackend(**assets, voices_dir=str(voices), device=args.device)
+    if args.batch:
+        bench_batch(args, assets, voices, work)
+        return
+    backend = F5TTSBackend(**assets, voices_dir=str(voices), device=args.device, max_batch=1)
     started = time.monotonic()
     backend.start()
     print(f"backend start (model load): {time.monotonic() - started:.1f} s")
@@ -278,6 +290,122 @@ def main() -> None:
             json.dumps({"arch": args.arch, "device": args.device, "results": results}, indent=2)
         )
     backend.close()
+
+
+def bench_batch(args: argparse.Namespace, assets: dict[str, str], voices: Path, work: Path) -> None:
+    from worker.backends.base import BackendResult, JobContext
+    from worker.backends.f5tts import F5TTSBackend
+
+    texts = [args.text, args.text.split(". ")[0] + "."]
+    backends = {
+        "sequential": F5TTSBackend(**assets, voices_dir=str(voices), device=args.device, max_batch=1),
+        "batched": F5TTSBackend(**assets, voices_dir=str(voices), device=args.device, max_batch=args.batch),
+    }
+    for b in backends.values():
+        b.start()
+    params = list(next(iter(backends.values()))._tts.ema_model.parameters())  # type: ignore[union-attr]
+    n_params = sum(p.numel() for p in params)
+    print(f"device {args.device}, {n_params / 1e6:.1f} M parameters, dtype {params[0].dtype}")
+
+    def job(backend: F5TTSBackend, nfe: int, seed: int, job_dir: Path) -> BackendResult:
+        ctx = JobContext(
+            job_id=seed,
+            attempt=1,
+            queue="bench",
+            payload={"text": texts[seed % 2], "voice": "bench", "nfe_step": nfe, "seed": seed},
+            workdir=job_dir,
+            deadline=time.monotonic() + 3600,
+            cancelled=threading.Event(),
+            report_progress=lambda percent, message: None,
+            fetch_input=Path,
+        )
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return backend.run(ctx)
+
+    def at_once(backend: F5TTSBackend, nfe: int, seeds: list[int], root: Path) -> list[BackendResult]:
+        results: list[BackendResult | None] = [None] * len(seeds)
+
+        def one(i: int) -> None:
+            results[i] = job(backend, nfe, seeds[i], root / str(seeds[i]))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(seeds))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r is not None for r in results), "a job failed"
+        return results  # type: ignore[return-value]
+
+    n = args.batch * max(1, args.jobs // args.batch)  # whole batches
+    results = []
+    for nfe in args.nfe:
+        at_once(
+            backends["batched"], nfe, list(range(1000, 1000 + args.batch)), work / f"warm-{nfe}"
+        )  # warm-up
+        job(backends["sequential"], nfe, 999, work / f"warm-seq-{nfe}")
+        seeds = list(range(1, n + 1))
+        outputs: dict[str, dict[int, Path]] = {"sequential": {}, "batched": {}}
+        elapsed = {}
+        audio = dict.fromkeys(outputs, 0.0)
+        sizes: list[int] = []
+        _sync(args.device)
+        started = time.monotonic()
+        for seed in seeds:
+            r = job(backends["sequential"], nfe, seed, work / f"seq-{nfe}" / str(seed))
+            outputs["sequential"][seed] = r.outputs[0].path
+            audio["sequential"] += r.metrics["duration_seconds"]
+        _sync(args.device)
+        elapsed["sequential"] = time.monotonic() - started
+        started = time.monotonic()
+        for i in range(0, n, args.batch):
+            for seed, r in zip(
+                seeds[i : i + args.batch],
+                at_once(backends["batched"], nfe, seeds[i : i + args.batch], work / f"bat-{nfe}"),
+                strict=True,
+            ):
+                outputs["batched"][seed] = r.outputs[0].path
+                audio["batched"] += r.metrics["duration_seconds"]
+                sizes.append(r.metrics["batch_size"])
+        _sync(args.device)
+        elapsed["batched"] = time.monotonic() - started
+        diff = max(
+            float(
+                np.max(
+                    np.abs(sf.read(str(outputs["batched"][s]))[0] - sf.read(str(outputs["sequential"][s]))[0])
+                )
+            )
+            for s in seeds
+        )
+        for path in outputs:
+            results.append(
+                {
+                    "path": path,
+                    "nfe_step": nfe,
+                    "jobs": n,
+                    "jobs_per_s": n / elapsed[path],
+                    "rtf": elapsed[path] / audio[path],
+                    "audio_s_per_job": audio[path] / n,
+                }
+            )
+        speedup = elapsed["sequential"] / elapsed["batched"]
+        print(
+            f"nfe {nfe}: batched {speedup:.2f}x sequential; batch sizes {sorted(set(sizes))};"
+            f" max |batched - sequential| {diff:.2e} (16-bit WAV, same seeds)"
+        )
+    print(f"\n{'path':<12} {'nfe':>4} {'jobs':>5} {'jobs/s':>8} {'RTF':>8} {'audio s/job':>12}")
+    for r in results:
+        print(
+            f"{r['path']:<12} {r['nfe_step']:>4} {r['jobs']:>5} {r['jobs_per_s']:>8.3f}"
+            f" {r['rtf']:>8.4f} {r['audio_s_per_job']:>12.2f}"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"arch": args.arch, "device": args.device, "batch": args.batch, "results": results}, indent=2
+            )
+        )
+    for b in backends.values():
+        b.close()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def backend(assets: dict[str, str]) -> Iterator[F5TTSBackend]:
-    b = F5TTSBackend(**assets, device="cpu")
+    b = F5TTSBackend(
+        **assets, device="cpu", max_batch=1
+    )  # one chunk after another (test_f5tts_batch: batched)
     b.start()
     assert b.healthy()
     yield b

@@ -30,7 +30,17 @@ def _f5tts(env: Mapping[str, str]) -> Backend:
         vocoder_sha256=env.get("F5TTS_VOCODER_SHA256") or None,
         cache_dir=env.get("F5TTS_MODEL_CACHE") or None,
         s3_endpoint_url=env.get("F5TTS_S3_ENDPOINT_URL") or env.get("GPUQ_S3_ENDPOINT_URL") or None,
+        max_batch=_whole_number(env, "F5TTS_MAX_BATCH", 8),
+        batch_window_ms=_whole_number(env, "F5TTS_BATCH_WINDOW_MS", 50),
     )
+
+
+def _whole_number(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name) or str(default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
 
 
 def _imageops(env: Mapping[str, str]) -> Backend:

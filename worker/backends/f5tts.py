@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.backends.base import BackendResult, JobContext, OutputFile
+from worker.backends.f5tts_batch import Batcher
 from worker.backends.model_files import ModelFiles
 from worker.errors import ErrorCode, JobError
 from worker.spanish.normalize import normalize
@@ -167,6 +168,8 @@ class F5TTSBackend:
         vocoder_sha256: str | None = None,
         cache_dir: str | None = None,
         s3_endpoint_url: str | None = None,
+        max_batch: int = 8,
+        batch_window_ms: float = 50,
     ) -> None:
         """`model`: a config name (F5TTS_v1_Base; F5TTS_Base for the Spanish fine-tune) or a config
         YAML path. An empty `ckpt_file`/`vocoder_dir` makes f5-tts download the default weights from
@@ -174,7 +177,16 @@ class F5TTSBackend:
         CUDA when present. The checkpoint, vocab file and vocoder may also be http(s) or s3:// URLs (the
         vocoder then a .tar/.tar.gz of its folder), fetched into `cache_dir` and checked against their
         sha256 (worker/backends/model_files.py). `default_region`: a job's region when it names none, and
-        `auto`'s answer for a text without markers."""
+        `auto`'s answer for a text without markers. `max_batch` > 1 runs the chunks of jobs that arrive
+        together (GPUQ_CONCURRENCY f5tts > 1) in one forward pass (worker/backends/f5tts_batch.py)."""
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"F5TTS_MAX_BATCH must be a whole number of at least 1, got {max_batch!r}")
+        if not 0 <= batch_window_ms <= 10_000:
+            raise ValueError(f"F5TTS_BATCH_WINDOW_MS must be between 0 and 10000, got {batch_window_ms!r}")
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_ms / 1000
+        self._batcher: Batcher | None = None
+        self._prep_lock = threading.Lock()  # f5-tts's reference cache is module-level and not thread-safe
         if default_region not in (*REGIONS, NEUTRAL):
             raise ValueError(f"F5TTS_DEFAULT_REGION must be one of {', '.join((*REGIONS, NEUTRAL))}")
         self.default_region = default_region
@@ -226,6 +238,10 @@ class F5TTSBackend:
         except Exception as exc:
             raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"F5-TTS failed to load: {exc!r}") from exc
         log.info("F5-TTS %s loaded on %s in %.1f s", self.model, self._tts.device, time.monotonic() - started)
+        if self.max_batch > 1:
+            self._batcher = Batcher(
+                self._tts, self._lock, max_batch=self.max_batch, window_s=self.batch_window_s
+            )
 
     def healthy(self) -> bool:
         return self._tts is not None
@@ -234,6 +250,9 @@ class F5TTSBackend:
         if self._tts is None:
             return
         cuda = str(self._tts.device).startswith("cuda")
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         self._tts = None
         if cuda:
             import torch
@@ -245,9 +264,24 @@ class F5TTSBackend:
     def run(self, ctx: JobContext) -> BackendResult:
         if self._tts is None:
             raise JobError(ErrorCode.BACKEND_UNAVAILABLE, "F5-TTS is not started")
+        if self._batcher is not None:
+            return self._run_batched(ctx, self._batcher)
         req = self._parse(ctx)
         with self._lock:
             return self._generate(ctx, req)
+
+    def _run_batched(self, ctx: JobContext, batcher: Batcher) -> BackendResult:
+        started = time.monotonic()
+
+        def prepare() -> tuple[_Request, _Prepared]:
+            req = self._parse(ctx)
+            with self._prep_lock:
+                return req, self._prepare(ctx, req)
+
+        req, prep, waves, batch_sizes = batcher.run(ctx, prepare)
+        result = self._finish(ctx, req, prep, waves, started, time.monotonic() - started)
+        result.metrics["batch_size"] = max(batch_sizes)
+        return result
 
     def _parse(self, ctx: JobContext) -> _Request:
         payload = ctx.payload
