@@ -198,6 +198,11 @@ def _status(client: Client, ms: ManagerSettings, days: int) -> int:
             "running_jobs",
         ],
     )
+    # [cost helper, issue 12] the forecast and why each instance not running a job is billing
+    from manager.state import status_lines
+
+    print("\n" + "\n".join(status_lines(client, ms.policy)))
+    # [end cost helper]
     today = client.call("select gpuq.spend_today(%s) as usd", (tz,))[0]["usd"]
     print(f"\nspend today ({tz}): ${float(today):.4f}")
     print(f"\nspend per day  (select * from gpuq.spend_by_day('{tz}', {days}))")
