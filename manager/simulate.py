@@ -189,6 +189,9 @@ class Trace:
     offers: list[SimOffer]
     jobs: list[tuple[float, str, float]]
     interruptions: list[Interruption] = field(default_factory=list)
+    # What past days looked like, per queue: [jobs per hour, mean service s], flat. None: like this trace
+    # (a recurring day). A launch day's burst is not in its history.
+    history: dict[str, tuple[float, float]] | None = None
 
 
 def load_trace(source: str | Path) -> Trace:
@@ -244,6 +247,7 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
         offers=offers,
         jobs=[(float(t), str(q), float(s)) for t, q, s in d["jobs"]],
         interruptions=[Interruption(**i) for i in d.get("interruptions", ())],
+        history={q: (float(h[0]), float(h[1])) for q, h in d["history"].items()} if "history" in d else None,
     )
 
 
@@ -1153,6 +1157,11 @@ def history_forecast(trace: Trace, seed: int = 0) -> Callable[[str, float], tupl
         per_queue.setdefault(q, []).append((t, w))
 
     def forecast(queue: str, t: float) -> tuple[float, float]:
+        if t >= trace.duration_s:
+            return 0.0, 0.0  # past days ended where this one does
+        if trace.history is not None:
+            rate, service = trace.history.get(queue, (0.0, 0.0))
+            return rate * factor, rate * service / speed.get(queue, 1.0) * factor
         # The history is daily: the hour ahead, spread over the two hours around its middle.
         jobs = [w for a, w in per_queue.get(queue, ()) if t - 1800 <= a < t + 5400]
         return len(jobs) / 2 * factor, sum(jobs) / 2 / speed.get(queue, 1.0) * factor
@@ -1326,6 +1335,7 @@ def generate_traces() -> dict[str, dict[str, Any]]:
         "offers": _market(),
         "jobs": jobs,
         "interruptions": [{"t_s": 3.5 * 3600, "machine_id": "m1", "kind": "outbid", "down_s": 1800}],
+        "history": {"tryon": [12, 45]},  # the beta's days before the launch: its burst is news
     }
 
     # A quiet evening: a job every 15 minutes or so from 20:00 until the window closes at 01:00.
