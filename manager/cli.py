@@ -26,6 +26,7 @@ from manager.metrics import Metrics
 from manager.preflight import check_before_renting
 from manager.providers import REGISTRY
 from manager.providers.base import Provider
+from manager.state import idle_by_reason, status_lines
 from manager.tick import Manager, tick
 
 log = logging.getLogger("gpuq.manager")
@@ -270,6 +271,9 @@ def _status(client: Client, ms: ManagerSettings, days: int, *, as_json: bool = F
         "spend_by_instance_24h": client.call(
             "select * from gpuq.spend_by_instance(now() - interval '1 day')"
         ),
+        # Every instance not running a job, with why it is billing (issue 12), and the forecast as text.
+        "idle_by_reason": idle_by_reason(client, ms.policy),
+        "cost_lines": status_lines(client, ms.policy),
     }
     if as_json:
         print_json(status)
@@ -279,6 +283,7 @@ def _status(client: Client, ms: ManagerSettings, days: int, *, as_json: bool = F
         f"${ms.policy.max_total_dph:.2f}/h"
     )
     print_table(status["instances"], INSTANCE_COLUMNS)
+    print("\n" + "\n".join(status["cost_lines"]))
     print(f"\nspend today ({tz}): ${status['spend_today_usd']:.4f}")
     print(f"\nspend per day  (select * from gpuq.spend_by_day('{tz}', {days}))")
     print_table(status["spend_by_day"])

@@ -20,7 +20,9 @@ Queue keys: provider, backend, image, disk_gb, workflows, env (extra instance en
 instance runs at once, default 1), the QueuePolicy
 fields (target_jobs_per_instance, target_utilisation, scale_in_utilisation, min_instances,
 max_instances, idle_timeout_s, windows, tz) and `offer` (the OfferFilter fields). Top-level keys:
-the PolicySettings fields except `queues`.
+the PolicySettings fields except `queues` and the cold pool's (the simulator's only), among them the cost
+levers: reboot_s and reboot_usd (break-even hold: what a new instance costs before its first job) and
+prewarm_s (have the forecast's instances ready this long before a window opens; gpuq.queue_forecast()).
 
 Environment (the README's table lists the same):
   GPUQ_MANAGER_CONFIG         path of the file above (default: none, one local `default` queue)
@@ -199,7 +201,9 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
             q["windows"] = tuple(Window.parse(w) for w in q["windows"])
         try:
             queues[name] = QueuePolicy(
-                offer_filter=offer, **_pick(QueuePolicy, q, f"queues.{name}", {"offer_filter"})
+                # packing is the simulator's until a rent can launch a worker for several queues
+                offer_filter=offer,
+                **_pick(QueuePolicy, q, f"queues.{name}", {"offer_filter", "packs"}),
             )
         except (TypeError, ValueError) as e:
             raise SystemExit(f"gpuq manager: queues.{name}: {e}") from None
@@ -217,7 +221,8 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         if provider != "local":
             _check_models_pinned(name, launch[name].workflows)
 
-    top = _pick(PolicySettings, raw, "the configuration", {"queues"})
+    # The cold pool is the simulator's until a provider can stop and start: not a configuration key.
+    top = _pick(PolicySettings, raw, "the configuration", {"queues", "cold_pool_s", "cold_idle_s"})
     top.setdefault("daily_budget", 10.0)
     top.setdefault("max_total_dph", 2.0)
     top["daily_budget"] = env_float("GPUQ_DAILY_BUDGET", _number(top["daily_budget"], "daily_budget"))

@@ -692,6 +692,8 @@ def _scale_in(
                 continue
             plan.destroy(inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False)
             surplus -= 1
+    if held:
+        return  # a spare held on purpose is not for the load rule below to take
     # Under steady load nobody idles for the idle timeout, yet the measured load may need fewer
     # instances: then give back one per tick, the dearest per job, an idle one if any, else drain a busy
     # one (a drain only lets its running job finish). Only with a measured load and an empty queue.

@@ -189,6 +189,9 @@ class Trace:
     offers: list[SimOffer]
     jobs: list[tuple[float, str, float]]
     interruptions: list[Interruption] = field(default_factory=list)
+    # What past days looked like, per queue: [jobs per hour, mean service s], flat. None: like this trace
+    # (a recurring day). A launch day's burst is not in its history.
+    history: dict[str, tuple[float, float]] | None = None
 
 
 def load_trace(source: str | Path) -> Trace:
@@ -244,6 +247,7 @@ def trace_from_dict(d: dict[str, Any]) -> Trace:
         offers=offers,
         jobs=[(float(t), str(q), float(s)) for t, q, s in d["jobs"]],
         interruptions=[Interruption(**i) for i in d.get("interruptions", ())],
+        history={q: (float(h[0]), float(h[1])) for q, h in d["history"].items()} if "history" in d else None,
     )
 
 
@@ -1153,6 +1157,11 @@ def history_forecast(trace: Trace, seed: int = 0) -> Callable[[str, float], tupl
         per_queue.setdefault(q, []).append((t, w))
 
     def forecast(queue: str, t: float) -> tuple[float, float]:
+        if t >= trace.duration_s:
+            return 0.0, 0.0  # past days ended where this one does
+        if trace.history is not None:
+            rate, service = trace.history.get(queue, (0.0, 0.0))
+            return rate * factor, rate * service / speed.get(queue, 1.0) * factor
         # The history is daily: the hour ahead, spread over the two hours around its middle.
         jobs = [w for a, w in per_queue.get(queue, ()) if t - 1800 <= a < t + 5400]
         return len(jobs) / 2 * factor, sum(jobs) / 2 / speed.get(queue, 1.0) * factor
@@ -1326,6 +1335,7 @@ def generate_traces() -> dict[str, dict[str, Any]]:
         "offers": _market(),
         "jobs": jobs,
         "interruptions": [{"t_s": 3.5 * 3600, "machine_id": "m1", "kind": "outbid", "down_s": 1800}],
+        "history": {"tryon": [12, 45]},  # the beta's days before the launch: its burst is news
     }
 
     # A quiet evening: a job every 15 minutes or so from 20:00 until the window closes at 01:00.
@@ -1399,8 +1409,8 @@ def _dump(trace: dict[str, Any]) -> str:
 def format_table(reports: list[tuple[SimReport, SimReport]]) -> str:
     head = (
         f"{'trace':<14} {'policy':<12} {'jobs':>9} {'$ total':>8} {'$/job':>8} {'vs LB':>6} "
-        f"{'busy h':>7} {'idle h':>7} {'boot h':>7} {'$ idle':>7} {'$ orph':>7} {'p50 s':>7} {'p95 s':>7} "
-        f"{'rents':>5} {'peak':>4}"
+        f"{'busy h':>7} {'idle h':>7} {'boot h':>7} {'$ idle':>7} {'$ orph':>7} {'$ dl+st':>7} {'p50 s':>7} "
+        f"{'p95 s':>7} {'p95 in':>7} {'1st':>6} {'rents':>5} {'peak':>4}"
     )
     lines = [head, "-" * len(head)]
     for ours, naive in reports:
@@ -1409,8 +1419,10 @@ def format_table(reports: list[tuple[SimReport, SimReport]]) -> str:
                 f"{r.trace:<14} {r.policy:<12} {r.completed:>4}/{r.jobs:<4} {r.cost:>8.2f} "
                 f"{r.cost_per_job:>8.4f} {r.cost_per_job / r.lower_bound_per_job:>6.2f} "
                 f"{r.busy_h:>7.1f} {r.idle_h:>7.1f} {r.boot_h:>7.1f} "
-                f"{r.idle_cost:>7.2f} {r.orphan_cost:>7.2f} "
-                f"{r.wait_p50_s:>7.0f} {r.wait_p95_s:>7.0f} {r.rents:>5} {r.peak_instances:>4}"
+                f"{r.idle_cost:>7.2f} {r.orphan_cost:>7.2f} {r.download_cost + r.storage_cost:>7.2f} "
+                f"{r.wait_p50_s:>7.0f} {r.wait_p95_s:>7.0f} {r.wait_p95_in_window_s:>7.0f} "
+                f"{'-' if r.first_open_p95_s is None else format(r.first_open_p95_s, '.0f'):>6} "
+                f"{r.rents:>5} {r.peak_instances:>4}"
             )
         lb = ours.lower_bound
         lines.append(
@@ -1420,7 +1432,8 @@ def format_table(reports: list[tuple[SimReport, SimReport]]) -> str:
         lines.append(
             f"{'':<14} gpuq/naive: $/job {ours.cost_per_job / naive.cost_per_job:.2f} "
             f"({(1 - ours.cost_per_job / naive.cost_per_job) * 100:.0f}% cheaper), "
-            f"p95 wait {ours.wait_p95_s:.0f} s vs {naive.wait_p95_s:.0f} s"
+            f"p95 wait of in-window arrivals {ours.wait_p95_in_window_s:.0f} s vs "
+            f"{naive.wait_p95_in_window_s:.0f} s"
         )
     return "\n".join(lines)
 
@@ -1428,29 +1441,146 @@ def format_table(reports: list[tuple[SimReport, SimReport]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulator's options; `gpuq manager simulate` and `python -m manager.simulate` both mount them."""
     parser.add_argument("traces", nargs="*", help="trace names or JSON files (default: the shipped ones)")
-    parser.add_argument("--seed", type=int, default=0, help="dispatch randomness")
+    parser.add_argument("--seed", type=int, default=0, help="the market's draws and the dispatch")
+    parser.add_argument(
+        "--ideal", action="store_true", help="the old optimistic market (free, instant, certain boots)"
+    )
+    parser.add_argument(
+        "--levers",
+        default=",".join(DEFAULT_LEVERS),
+        help=f"gpuq's cost levers, comma-separated, from {', '.join(LEVERS)}; 'none' for none "
+        f"(default {','.join(DEFAULT_LEVERS)})",
+    )
     parser.add_argument("--log", action="store_true", help="print gpuq's actions with their reasons")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw fleet size, queue depth and $ spent over the day, gpuq vs naive",
+    )
     parser.add_argument("--write-traces", action="store_true", help="regenerate the shipped traces")
 
 
+class SimulateError(Exception):
+    """Bad input to the simulator: said in one line, exit status 2."""
+
+
+def _load(source: str) -> Trace:
+    try:
+        return load_trace(source)
+    except FileNotFoundError:
+        shipped = ", ".join(SHIPPED)
+        raise SimulateError(f"no trace {source!r}: give a shipped trace ({shipped}) or a JSON file") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SimulateError(f"trace {source!r} is not a valid trace: {e}") from None
+
+
+def _progress(total: float) -> Any:
+    """A progress bar over simulated seconds when stderr is a terminal (rich); else nothing."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+    return bar
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except SimulateError as e:
+        import sys
+
+        print(f"gpuq manager simulate: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.write_traces:
         write_traces()
         print(f"wrote {', '.join(SHIPPED)} to {TRACES_DIR}")
         return 0
+    market = IDEAL if args.ideal else HONEST
+    levers = tuple(x.strip() for x in args.levers.split(",") if x.strip() and x.strip() != "none")
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise SimulateError(f"unknown lever(s) {', '.join(sorted(unknown))}; known: {', '.join(LEVERS)}")
+    traces = [_load(source) for source in args.traces or SHIPPED]
     reports = []
-    for source in args.traces or SHIPPED:
-        trace = load_trace(source)
-        ours, naive = compare(trace, args.seed)
-        reports.append((ours, naive))
-        if args.log:
-            from manager.policy import decide
+    bar = _progress(0.0)
+    if bar is not None:
+        bar.start()
+    try:
+        for trace in traces:
+            progress = None
+            if bar is not None:
+                task = bar.add_task(
+                    f"{trace.name} ({market.label})", total=2 * (trace.duration_s + market.lead_s)
+                )
+                span = trace.duration_s + market.lead_s
+                half = {"base": 0.0, "last": -math.inf, "span": span}
 
-            sim = Simulation(trace, decide, seed=args.seed)
-            sim.run()
-            print("\n".join(sim.log))
+                def progress(t: float, task: Any = task, half: dict[str, float] = half) -> None:
+                    if t < half["last"]:  # the second run (naive) started again from the beginning
+                        half["base"] = half["span"]
+                    half["last"] = t
+                    bar.update(task, completed=half["base"] + min(t + market.lead_s, half["span"]))
+
+            ours, naive = compare(trace, args.seed, market, levers, progress=progress)
+            reports.append((ours, naive))
+            if args.log:
+                from manager.policy import decide
+
+                settings = policy_settings(trace, market, levers)
+                forecast = history_forecast(trace, args.seed) if settings.prewarm_s > 0 else None
+                sim = Simulation(trace, decide, settings, market=market, seed=args.seed, forecast=forecast)
+                sim.run()
+                print("\n".join(sim.log))
+    finally:
+        if bar is not None:
+            bar.stop()
+    used = ",".join(levers) if not market.ideal and levers else "none"
+    print(f"market: {market.label}; gpuq's levers: {used}")
     print(format_table(reports))
+    if args.plot:
+        plot(reports, args.plot)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def plot(reports: list[tuple[SimReport, SimReport]], path: str) -> None:
+    """Fleet size, queue depth and $ spent over each trace, gpuq beside naive: one column per trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(reports), figsize=(5 * len(reports), 8), squeeze=False, sharex="col")
+    for col, (ours, naive) in enumerate(reports):
+        for r, style in ((ours, "-"), (naive, "--")):
+            if not r.series:
+                continue
+            hours = [t / 3600 for t, _, _, _ in r.series]
+            label = f"{r.policy} (${r.cost:.2f}, p95 {r.wait_p95_in_window_s:.0f} s)"
+            axes[0][col].step(hours, [n for _, n, _, _ in r.series], style, where="post", label=label)
+            axes[1][col].step(hours, [q for _, _, q, _ in r.series], style, where="post", label=r.policy)
+            axes[2][col].plot(hours, [c for _, _, _, c in r.series], style, label=r.policy)
+        axes[0][col].set_title(f"{ours.trace} ({ours.market} market)")
+        axes[0][col].set_ylabel("instances running")
+        axes[1][col].set_ylabel("jobs queued")
+        axes[2][col].set_ylabel("$ spent")
+        axes[2][col].set_xlabel("hours from the trace's start")
+        axes[0][col].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,8 @@ from manager.metrics import Metrics
 from manager.policy import (
     Action,
     AvoidMachine,
+    ColdStart,
+    ColdStop,
     Destroy,
     Drain,
     Hold,
@@ -37,7 +39,7 @@ from manager.policy import (
 )
 from manager.providers.base import Offer, Provider, ProviderError
 from manager.reconcile import ReconcileReport, destroy_verified, reconcile
-from manager.state import DbInstance, Snapshot, managed_instances, read_snapshot
+from manager.state import DbInstance, Snapshot, forecast_lines, managed_instances, read_snapshot
 
 log = logging.getLogger("gpuq.manager")
 
@@ -130,9 +132,14 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
         for line in rec.lines:
             _say(m, result, prefix + line, echo=True)
 
-    snap = read_snapshot(m.client, s.policy.budget_tz, s.label_prefix, other_dph=rec.other_dph)
     if now is None:
         now = m.client.call("select now() as t")[0]["t"]
+    snap = read_snapshot(
+        m.client, s.policy.budget_tz, s.label_prefix, other_dph=rec.other_dph, policy=s.policy, now=now
+    )
+    if dry_run:
+        for line in forecast_lines(snap.queues, s.policy, now):
+            _say(m, result, prefix + line, echo=True)
     offers = _offers(m, snap, now, result)
     actions = decide(
         snap.queues,
@@ -248,7 +255,7 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         # A crash between create and this record leaves an orphan: the next tick destroys it by label
         # (its secret was never recorded, so its worker cannot touch a job meanwhile).
         try:
-            _record_rent(m, action, provider_id, secret)
+            row_id = _record_rent(m, action, provider_id, secret)
         except Exception as exc:
             # Not on the books (the database refused or did not answer): it must not bill unseen until a
             # later tick finds it. Destroy it now; if that is unconfirmed, the next tick destroys it by label.
@@ -263,11 +270,11 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
                 f"rented {offer.provider} {provider_id} but could not record it ({exc}); {outcome}"
             ) from exc
         result.rented.append(f"{offer.provider}:{provider_id}")
-        _say(m, result, f"{action.reason} -> {offer.provider} instance {provider_id}")
+        _say(m, result, f"{action.reason} -> {instance_name(row_id, offer.provider, provider_id)}")
     elif isinstance(action, Drain):
         client.drain_instance(int(action.instance.id), action.reason)
         result.drained.append(int(action.instance.id))
-        _say(m, result, action.reason)
+        _say(m, result, _named(action.reason, by_id.get(action.instance.id)))
     elif isinstance(action, Destroy):
         inst = by_id.get(action.instance.id)
         if inst is None:
@@ -289,7 +296,7 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
             raise ProviderError(f"instance {inst.id}: provider {inst.provider} is not enabled")
         client.call("select gpuq.record_destroy(%s, %s, %s)", (inst.id, action.reason, action.release_jobs))
         result.destroyed.append(inst.id)
-        _say(m, result, action.reason)
+        _say(m, result, _named(action.reason, inst))
     elif isinstance(action, AvoidMachine):
         provider = next((i.provider for i in by_id.values() if i.view.machine_id == action.machine_id), "any")
         if action.for_s is None:
@@ -302,6 +309,22 @@ def _act(m: Manager, action: Action, by_id: dict[str, DbInstance], result: TickR
         _say(m, result, f"avoid machine {action.machine_id}: {action.reason}")
     elif isinstance(action, Hold):
         _say(m, result, action.reason)
+    elif isinstance(action, ColdStop | ColdStart):
+        # Only the simulator stops and starts instances so far; the providers cannot (cold_pool_s is 0
+        # unless a configuration sets it, and config refuses it).
+        raise ProviderError(f"{_reason(action)}: the cold pool needs a provider that can stop and start")
+
+
+def instance_name(row_id: int | str, provider: str, provider_instance_id: str | None) -> str:
+    """How log lines name an instance: the database id and the provider's, so rent and destroy lines
+    about one machine say the same thing ("instance 3 (local:local-642e…)")."""
+    return f"instance {row_id} ({provider}:{provider_instance_id or '?'})"
+
+
+def _named(reason: str, inst: DbInstance | None) -> str:
+    if inst is None:
+        return reason
+    return f"{reason} -> {instance_name(inst.id, inst.provider, inst.provider_instance_id)}"
 
 
 def _renew_credentials(m: Manager, result: TickResult) -> None:
@@ -312,11 +335,12 @@ def _renew_credentials(m: Manager, result: TickResult) -> None:
     result.errors += errors
 
 
-def _record_rent(m: Manager, action: Rent, provider_id: str, secret: str) -> None:
-    """The rent on the books: its price, what it serves, how many jobs at once, its secret's hash."""
+def _record_rent(m: Manager, action: Rent, provider_id: str, secret: str) -> int:
+    """The rent on the books: its price, what it serves, how many jobs at once, its secret's hash.
+    Answers the new row's id."""
     s, offer = m.settings, action.offer
     launch = s.launch[action.queue]
-    m.client.call(
+    rows = m.client.call(
         "select gpuq.record_rent(%s, %s, %s, %s, %s, %s, %s::int, %s::int, %s::numeric, %s, "
         "%s::text[], %s, %s::int, %s)",
         (
@@ -336,6 +360,7 @@ def _record_rent(m: Manager, action: Rent, provider_id: str, secret: str) -> Non
             secret_hash(secret),
         ),
     )
+    return int(next(iter(rows[0].values())))
 
 
 def _reason(action: Action) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import deque
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -34,8 +38,11 @@ from manager.simulate import (
     main,
     naive_looks_decide,
     percentile,
+    policy_settings,
     simulate,
 )
+
+ROOT = Path(__file__).parent.parent.parent
 
 MADRID = ZoneInfo("Europe/Madrid")
 
@@ -311,3 +318,83 @@ def test_hindsight_fleet_charges_only_the_allowed_hours() -> None:
     queue = QueueSpec(max_dph=1.3, windows=(Window.parse("13:00-23:00"),), tz="Europe/Madrid")
     half = tiny(jobs, [sim_offer(0, 1.0)], duration_s=7200.0, queues={"q": queue})  # 12:00-14:00
     assert hindsight_fleet_cost(half, 1.0) == pytest.approx(hindsight_fleet_cost(open_all, 1.0) / 2)
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuq.cli", "manager", "simulate", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_an_unknown_trace_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    done = cli("nosuchtrace", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert "no trace 'nosuchtrace'" in done.stderr and "steady_day" in done.stderr
+    bad = cli("quiet_night", "--levers", "magic", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown lever(s) magic" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plot_draws_the_day_for_gpuq_and_naive(tmp_path: Path) -> None:
+    out = tmp_path / "day.png"
+    done = cli("quiet_night", "--plot", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "market: honest" in done.stdout and f"plot: {out}" in done.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    ideal = cli("quiet_night", "--ideal")
+    assert "market: ideal; gpuq's levers: none" in ideal.stdout
+
+
+def test_cold_pool_stops_an_idle_instance_and_starts_it_again_in_seconds() -> None:
+    # Two bursts 40 minutes apart: between them the instance waits in the cold pool, disk billed.
+    jobs = [(float(t), "q", 30.0) for t in range(0, 300, 30)] + [
+        (2700.0 + t, "q", 30.0) for t in range(0, 300, 30)
+    ]
+    offers = [sim_offer(1, 0.4, boot_s=300.0)]
+    trace = tiny(jobs, offers, duration_s=4000.0)
+    market = replace(HONEST, never_ready_p=0.0, rent_fail_p=0.0, host_taken_s=1e12, lead_s=0.0)
+    settings = policy_settings(trace, market, ("cold_pool",))
+    sim = Simulation(trace, decide, settings, market=market, seed=1)
+    r = sim.run()
+    assert r.completed == r.jobs and r.rents == 1 and r.starts >= 1
+    inst = sim.instances["i1"]
+    assert inst.stopped_s > 1200.0  # most of the gap stopped, not idle
+    assert any("into the cold pool" in line for line in sim.log)
+    assert any("from the cold pool" in line for line in sim.log)
+    # The restart took seconds: the second burst's first job waited far less than a boot and download.
+    second = min((j for j in sim.jobs if j.arrival >= 2700.0), key=lambda j: j.arrival)
+    assert second.started is not None and second.started - second.arrival < 200.0
+    # Stopped, it billed only its disk: less than it would have idling.
+    assert r.idle_cost < inst.stopped_s * inst.dph / 3600
+
+
+def test_cold_pool_falls_back_to_a_new_rent_when_the_hosts_gpu_was_taken() -> None:
+    jobs = [(0.0, "q", 30.0), (2700.0, "q", 30.0)]
+    offers = [sim_offer(1, 0.4, boot_s=300.0), sim_offer(2, 0.45, boot_s=300.0)]
+    trace = tiny(jobs, offers, duration_s=4000.0)
+    market = replace(HONEST, never_ready_p=0.0, rent_fail_p=0.0, host_taken_s=1.0, lead_s=0.0)  # always taken
+    sim = Simulation(trace, decide, policy_settings(trace, market, ("cold_pool",)), market=market, seed=1)
+    r = sim.run()
+    assert r.completed == 2 and r.start_refused == 1 and r.rents == 2
+
+
+def test_packing_serves_the_small_queue_on_the_big_queues_instance() -> None:
+    queues = {"img": QueueSpec(max_dph=1.3), "tts": QueueSpec(max_dph=1.3)}
+    jobs = sorted(
+        [(float(t), "img", 40.0) for t in range(0, 1800, 60)]
+        + [(float(t), "tts", 5.0) for t in range(30, 1800, 300)]
+    )
+    trace = tiny(jobs, [sim_offer(n, 0.3 + n / 100) for n in range(4)], queues=queues, duration_s=1800.0)
+    market = replace(HONEST, never_ready_p=0.0, rent_fail_p=0.0)
+    packed = Simulation(trace, decide, policy_settings(trace, market, ("packing",)), market=market, seed=2)
+    r = packed.run()
+    assert r.completed == r.jobs
+    assert all(i.queues == ("img", "tts") for i in packed.instances.values())  # no instance of tts's own
+    alone = Simulation(trace, decide, policy_settings(trace, market, ()), market=market, seed=2)
+    alone.run()
+    assert any(i.queues == ("tts",) for i in alone.instances.values())  # unpacked, tts rents its own

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -517,3 +518,49 @@ def test_metrics_forget_a_status_and_a_queue_that_are_gone(
             "gpuq_manager_queue_oldest_wait_seconds",
         )
     }
+
+
+@pytest.mark.usefixtures("env")
+def test_rent_and_destroy_lines_name_the_instance_the_same_way(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    standin.add_offer(dph_base=0.40, min_bid=0.2)
+    enqueue(db, 1)
+    m = manager(db, vast, settings_for(max_instances=1))
+    rented = tick(m)
+    (row,) = rows(db, "select id, provider_instance_id from gpuq.instances")
+    name = f"instance {row['id']} (vast:{row['provider_instance_id']})"
+    assert any(line.startswith("rent offer") and line.endswith(f"-> {name}") for line in rented.lines)
+    db.conn.execute("update gpuq.jobs set status = 'cancelled', finished_at = now()")
+    host(db, standin, row["provider_instance_id"])  # its worker registers: idle
+    db.conn.execute(
+        "update gpuq.instances set created_at = now() - interval '2 hours', "
+        "ready_at = now() - interval '1 hour', last_job_at = now() - interval '30 seconds'"
+    )
+    # A 10 s idle timeout: the line says seconds, not "idle 0 min".
+    quick = settings_for(max_instances=1)
+    queue = replace(quick.policy.queues["tryon"], idle_timeout_s=10.0)
+    quick = replace(quick, policy=replace(quick.policy, queues={"tryon": queue}, cooldown_s=0.0))
+    destroyed = tick(manager(db, vast, quick))
+    line = next(x for x in destroyed.lines if x.startswith(f"destroy {row['id']}:"))
+    assert "idle 30 s" in line and line.endswith(f"-> {name}")
+
+
+@pytest.mark.usefixtures("env")
+def test_dry_run_says_what_the_forecast_is(db: Client, vast: VastProvider, standin: VastStandin) -> None:
+    standin.add_offer()
+    m = manager(db, vast, settings_for(prewarm_s=2700))
+    tick(m, dry_run=True)
+    printed = "\n".join(m.echoed)  # type: ignore[attr-defined]
+    assert "[dry-run] forecast tryon: no history yet, nothing pre-warmed" in printed
+    (job,) = enqueue(db, 1)
+    db.conn.execute(
+        "update gpuq.jobs set status = 'succeeded', created_at = now() - interval '1 day', "
+        "started_at = now() - interval '1 day', "
+        "finished_at = now() - interval '1 day' + interval '36 seconds' where id = %s",
+        (job,),
+    )
+    m = manager(db, vast, settings_for(prewarm_s=2700))
+    tick(m, dry_run=True)
+    printed = "\n".join(m.echoed)  # type: ignore[attr-defined]
+    assert "[dry-run] forecast tryon: 1.0 jobs, 0.01 GPUs busy in the next hour" in printed
