@@ -16,7 +16,7 @@ jobs submitted one by one) with one that batches across jobs (F5TTS_MAX_BATCH=N,
 from N threads, as a worker's slots do with GPUQ_CONCURRENCY f5tts=N): jobs/s, aggregate real-time factor
 (wall seconds per second of audio produced), the speed-up, the batch sizes the jobs ran in, and the largest
 difference between a job's batched audio and its sequential audio (same seed). The jobs alternate between
-the text and its first sentence, so batches hold rows of different lengths.
+the text and its first sentence, so batches hold rows of different lengths (--same-text: all the text).
 """
 
 from __future__ import annotations
@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--ref-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--batch", type=int, metavar="N", help="sequential vs N jobs at once, batched")
+    parser.add_argument(
+        "--same-text", action="store_true", help="with --batch: every job speaks --text (rows of one length)"
+    )
     args = parser.parse_args()
 
     from f5_tts.api import F5TTS
@@ -296,7 +299,7 @@ def bench_batch(args: argparse.Namespace, assets: dict[str, str], voices: Path, 
     from worker.backends.base import BackendResult, JobContext
     from worker.backends.f5tts import F5TTSBackend
 
-    texts = [args.text, args.text.split(". ")[0] + "."]
+    texts = [args.text, args.text if args.same_text else args.text.split(". ")[0] + "."]
     backends = {
         "sequential": F5TTSBackend(**assets, voices_dir=str(voices), device=args.device, max_batch=1),
         "batched": F5TTSBackend(**assets, voices_dir=str(voices), device=args.device, max_batch=args.batch),

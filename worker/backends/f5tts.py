@@ -244,7 +244,7 @@ class F5TTSBackend:
             )
 
     def healthy(self) -> bool:
-        return self._tts is not None
+        return self._tts is not None and (self._batcher is None or self._batcher.alive())
 
     def close(self) -> None:
         if self._tts is None:

@@ -213,6 +213,9 @@ class Batcher:
 
     # -- the batcher thread
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def pending_rows(self) -> int:
         with self._cond:
             return len(self._pending)
@@ -330,8 +333,10 @@ class Batcher:
                 text = list_str_to_tensor(texts).to(device)
             cond_mask = lens_to_mask(lens, length=max_duration).unsqueeze(-1)
             step_cond = torch.where(cond_mask, cond, torch.zeros_like(cond))
-            mask = None  # as CFM.sample: no mask for one row
-            if len(rows) > 1:
+            # No padding, no mask: one row (as CFM.sample), or rows all of one length, which keeps torch's
+            # attention on its fast kernel. Rows of different lengths need the mask and their own text.
+            mask = None
+            if len({r.duration for r in rows}) > 1:
                 mask = lens_to_mask(duration)
                 self._row_text_embeddings(rows, model.transformer)
             jobs = {id(r.job): r.job for r in rows}.values()
