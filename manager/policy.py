@@ -580,6 +580,14 @@ def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> 
     why_more = ""
     if prewarm is not None:
         count, why_more = prewarm
+        if in_window(policy, plan.now) and plan.settings.cold_pool_s > 0:
+            # In the window a stopped instance is seconds away: the forecast's spares may wait cold, so
+            # the floor counts them, and running ones beyond the demand may go cold.
+            if len(pool) + len(cold) >= count:
+                count = 0
+            else:
+                count -= len(cold)
+            why_more += f" ({len(cold)} of them cold)" if cold else ""
         needed = max(needed, count)
     have = len(pool)
     status = f"{snap.queued} queued, {snap.running} running, {have} instance(s), need {needed}{why_more}"

@@ -410,6 +410,7 @@ class _Instance:
     silent_since: float | None = None
     stopped_since: float | None = None  # in the cold pool: disk kept, GPU not billed
     starting: bool = False  # started again from the cold pool, not ready yet
+    started_at: float | None = None  # when it was last started again
     ended: float | None = None
     billed_until: float | None = None  # ended plus the provider's destroy lag
     job: _Job | None = None
@@ -851,7 +852,7 @@ class Simulation:
                 self.starts += 1
                 inst.stopped_s += stopped
                 inst.stopped_since = None
-                inst.starting, inst.loaded = True, False
+                inst.starting, inst.loaded, inst.started_at = True, False, self.now
                 self._at(self.now + self.rng.uniform(*self.market.restart_s), "restarted", (inst, self.now))
         elif isinstance(action, AvoidMachine):
             self.avoided.add(action.machine_id)
@@ -884,7 +885,8 @@ class Simulation:
             dph=dph + (0.0 if state == InstanceState.STOPPED else inst.storage_dph),
             gpu_name=inst.offer.gpu_name,
             machine_id=inst.offer.machine_id,
-            created_at=at(inst.created) or now,
+            # A restart is timed from the start, as a boot is from the rent (the ready timeout reads it).
+            created_at=at(inst.started_at if inst.starting else inst.created) or now,
             ready_at=at(inst.ready),
             last_heartbeat_at=heartbeat,
             last_job_at=at(inst.last_job if inst.stopped_since is None else inst.stopped_since),
