@@ -257,7 +257,7 @@ def test_a_batch_whose_jobs_all_stopped_is_abandoned_between_ode_steps(
     def cancel_all(module: Any, args: Any) -> None:
         for ctx in ctxs:
             ctx.cancelled.set()
-        time.sleep(0.3)  # time for the jobs' threads to notice and give up
+        time.sleep(1.0)  # time for the jobs' threads to notice (every 50 ms) and give up
 
     model = batched._tts.ema_model.transformer  # type: ignore[union-attr]
     hook = model.register_forward_pre_hook(cancel_all)
@@ -272,20 +272,22 @@ def test_a_batch_whose_jobs_all_stopped_is_abandoned_between_ode_steps(
     while not (batcher.batches and batcher.batches[-1]["jobs"] == 2) and time.monotonic() - waited < 30:
         time.sleep(0.01)
     last = batcher.batches[-1]
-    assert last["abandoned"] and last["steps"] == 1  # of 6: stopped after the first ODE step
+    # of 6 steps: dropped at the first step after its jobs gave up (the first, unless a thread was slow)
+    assert last["abandoned"] and last["steps"] < 6
 
 
 def test_timeout_and_cancel_while_waiting_for_the_model(batched: F5TTSBackend, tmp_path: Path) -> None:
     def cancel_second(ctxs: list[JobContext]) -> None:
         ctxs[1].cancelled.set()
-        time.sleep(1.0)  # the first job's deadline (0.5 s) passes while the model is still busy
+        # the first job's deadline passes while the model is still busy
+        time.sleep(max(0.0, ctxs[0].deadline - time.monotonic()) + 0.5)
 
     results = run_together(
         batched,
         tmp_path,
         [JOBS[0], JOBS[1], JOBS[3]],
         rows=3,
-        deadlines=[0.5, 600, 600],
+        deadlines=[5, 600, 600],  # room to be prepared and handed over first, even on a busy machine
         during=cancel_second,
     )
     assert isinstance(results[0], JobError) and results[0].code == ErrorCode.TIMEOUT
@@ -299,7 +301,7 @@ def test_a_lone_job_does_not_wait_for_the_window(assets: dict[str, str], tmp_pat
     started = time.monotonic()
     result = b.run(make_ctx(tmp_path, {"nfe_step": 4, **JOBS[0]})[0])
     assert result.metrics["batch_size"] == 1
-    assert time.monotonic() - started < 8  # no other job was being prepared: it did not wait 10 s
+    assert time.monotonic() - started < 9  # no other job was being prepared: it did not wait the 10 s
     b.close()
 
 
