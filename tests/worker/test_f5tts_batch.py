@@ -194,10 +194,17 @@ def test_a_rows_text_embedding_does_not_depend_on_the_other_rows(
             h.remove()
     [together] = captured["batched"]
     assert len(captured["alone"]) == len(payloads) and together.shape[0] == len(payloads)
-    for i, single in enumerate(captured["alone"]):
+    # The rows are in the order the jobs were handed over, not the payloads' order: each job's embedding
+    # alone must be one row's, with zeros after it, and each row must be one job's.
+    matched = []
+    for single in captured["alone"]:
         n = single.shape[1]
-        torch.testing.assert_close(together[i, :n], single[0], atol=1e-6, rtol=0)
-        assert not together[i, n:].any()  # zeros after the row's own length
+        matched += [
+            i
+            for i in range(len(payloads))
+            if torch.allclose(together[i, :n], single[0], atol=1e-6, rtol=0) and not together[i, n:].any()
+        ]
+    assert sorted(matched) == list(range(len(payloads)))
 
 
 def test_max_batch_and_settings_split_batches(
@@ -207,7 +214,9 @@ def test_max_batch_and_settings_split_batches(
     b.start()
     payloads = [{**JOBS[0], "seed": s} for s in (1, 2, 3)] + [{**JOBS[1], "nfe_step": 8}]
     results = run_together(b, tmp_path, payloads, rows=4)
-    assert [r.metrics["batch_size"] for r in results if isinstance(r, BackendResult)] == [2, 2, 1, 1]
+    sizes = [r.metrics["batch_size"] for r in results if isinstance(r, BackendResult)]
+    # two of the NFE-6 jobs share a pass (max_batch 2), the third runs alone, and so does the NFE-8 one
+    assert sorted(sizes[:3]) == [1, 2, 2] and sizes[3] == 1
     for i, got in enumerate(results):
         assert isinstance(got, BackendResult)
         want = wave_of(alone.run(make_ctx(tmp_path / f"a{i}", {"nfe_step": 6, **payloads[i]})[0]))
