@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+pytest.importorskip("num2words")  # part of the F5-TTS runtime (scripts/install_f5tts.sh)
+
 from worker.spanish.normalize import normalize
 
 
