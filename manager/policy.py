@@ -687,7 +687,10 @@ def _scale_in(
         if surplus <= 0:
             break
         idle_s = _idle_seconds(inst, now)
-        if cold_ok and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
+        # The queue's last running instance is not stopped at cold_idle_s: a restart refused (its host
+        # taken) falls back to a full boot, which a trickle queue's next job would wait for.
+        last = sum(1 for i in pool if i.id not in plan.acted) <= 1
+        if cold_ok and not last and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
             plan.actions.append(
                 ColdStop(inst, f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}")
             )
@@ -698,7 +701,15 @@ def _scale_in(
             if _worth_holding(plan, snap, inst, held + 1):
                 held += 1
                 continue
-            plan.destroy(inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False)
+            if cold_ok:
+                why = f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}"
+                plan.actions.append(ColdStop(inst, why))
+                plan.acted.add(inst.id)
+                plan.bills(inst.id, 0.0, now)
+            else:
+                plan.destroy(
+                    inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False
+                )
             surplus -= 1
     if held:
         return  # a spare held on purpose is not for the load rule below to take

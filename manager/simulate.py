@@ -256,7 +256,7 @@ DEFAULT_LEVERS = ("break_even", "prewarm")
 
 
 def policy_settings(
-    trace: Trace, market: Market = IDEAL, levers: Sequence[str] = DEFAULT_LEVERS
+    trace: Trace, market: Market = IDEAL, levers: Sequence[str] = DEFAULT_LEVERS, max_instances: int = 8
 ) -> PolicySettings:
     """The settings the benchmark runs gpuq's policy with: the same for every trace.
 
@@ -284,7 +284,7 @@ def policy_settings(
             target_jobs_per_instance=7.0,
             target_utilisation=0.85,
             min_instances=0,
-            max_instances=8,
+            max_instances=max_instances,
             idle_timeout_s=600.0,
             offer_filter=OfferFilter(gpu_names=q.gpu_names, min_vram_mb=q.min_vram_mb, max_dph=q.max_dph),
             windows=q.windows,
@@ -1177,10 +1177,11 @@ def compare(
     market: Market = HONEST,
     levers: Sequence[str] = DEFAULT_LEVERS,
     progress: Callable[[float], None] | None = None,
+    max_instances: int = 8,
 ) -> tuple[SimReport, SimReport]:
     from manager.policy import decide
 
-    settings = policy_settings(trace, market, levers)
+    settings = policy_settings(trace, market, levers, max_instances)
     forecast = history_forecast(trace, seed) if settings.prewarm_s > 0 else None
     ours = simulate(
         trace,
