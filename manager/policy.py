@@ -40,6 +40,14 @@ instance counts with that bound, so rents never plan money past the cap; spend t
 (`Spend.other_dph`, prices that changed) makes step 2 shed.
 
 An instance serving several queues is counted against its first queue only.
+
+Cost levers (issue 12; each off by default): a break-even hold keeps one idle instance past its idle
+timeout while the queue's arrivals say its next job comes before idling would cost a reboot (`reboot_s`,
+`reboot_usd`); pre-warming rents, `prewarm_s` before a window opens, what the history's forecast for its
+first hour needs, and in the window keeps what the next hour's forecast needs (`QueueSnapshot.forecast_*`,
+from gpuq.queue_forecast()); the cold pool (`cold_pool_s`; the simulator's only so far) stops idle
+instances instead of destroying them and starts them again before renting; packing (`QueuePolicy.packs`;
+the simulator's only so far) counts small queues' work on a bigger queue's instances.
 """
 
 from __future__ import annotations
