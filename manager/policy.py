@@ -40,6 +40,14 @@ instance counts with that bound, so rents never plan money past the cap; spend t
 (`Spend.other_dph`, prices that changed) makes step 2 shed.
 
 An instance serving several queues is counted against its first queue only.
+
+Cost levers (issue 12; each off by default): a break-even hold keeps one idle instance past its idle
+timeout while the queue's arrivals say its next job comes before idling would cost a reboot (`reboot_s`,
+`reboot_usd`); pre-warming rents, `prewarm_s` before a window opens, what the history's forecast for its
+first hour needs, and in the window keeps what the next hour's forecast needs (`QueueSnapshot.forecast_*`,
+from gpuq.queue_forecast()); the cold pool (`cold_pool_s`; the simulator's only so far) stops idle
+instances instead of destroying them and starts them again before renting; packing (`QueuePolicy.packs`;
+the simulator's only so far) counts small queues' work on a bigger queue's instances.
 """
 
 from __future__ import annotations
@@ -687,7 +695,10 @@ def _scale_in(
         if surplus <= 0:
             break
         idle_s = _idle_seconds(inst, now)
-        if cold_ok and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
+        # The queue's last running instance is not stopped at cold_idle_s: a restart refused (its host
+        # taken) falls back to a full boot, which a trickle queue's next job would wait for.
+        last = sum(1 for i in pool if i.id not in plan.acted) <= 1
+        if cold_ok and not last and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
             plan.actions.append(
                 ColdStop(inst, f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}")
             )
@@ -698,7 +709,15 @@ def _scale_in(
             if _worth_holding(plan, snap, inst, held + 1):
                 held += 1
                 continue
-            plan.destroy(inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False)
+            if cold_ok:
+                why = f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}"
+                plan.actions.append(ColdStop(inst, why))
+                plan.acted.add(inst.id)
+                plan.bills(inst.id, 0.0, now)
+            else:
+                plan.destroy(
+                    inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False
+                )
             surplus -= 1
     if held:
         return  # a spare held on purpose is not for the load rule below to take

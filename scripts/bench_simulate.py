@@ -43,9 +43,11 @@ def ms(values: list[float], fmt: str = ".3f") -> str:
     return f"{mean(values):{fmt}}±{stdev(values):{fmt}}"
 
 
-def runs(name: str, market: Market, levers: tuple[str, ...], seeds: int) -> list[tuple[SimReport, SimReport]]:
+def runs(
+    name: str, market: Market, levers: tuple[str, ...], seeds: int, max_instances: int = 8
+) -> list[tuple[SimReport, SimReport]]:
     trace = load_trace(name)
-    return [compare(trace, seed, market, levers) for seed in range(seeds)]
+    return [compare(trace, seed, market, levers, max_instances=max_instances) for seed in range(seeds)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         "break_even,prewarm,packing;break_even,prewarm,cold_pool,packing",
         help="lever sets to compare, ';'-separated ('none': no lever); empty: skip",
     )
+    parser.add_argument(
+        "--max-instances", type=int, default=8, help="gpuq's per-queue count cap (naive keeps its 4)"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.traces.split(",") if n]
     levers = tuple(x for x in args.levers.split(",") if x and x != "none")
 
-    print(f"gpuq/naive $ per job and p95 wait, mean±sd over {args.seeds} seeds (levers: {','.join(levers)})")
+    print(
+        f"gpuq/naive $ per job and p95 wait, mean±sd over {args.seeds} seeds (levers: {','.join(levers)}; "
+        f"gpuq's max instances per queue {args.max_instances})"
+    )
     head = (
         f"{'trace':<14} {'ideal ratio':>12} {'honest ratio':>13} {'gpuq $/job':>14} {'naive $/job':>14} "
         f"{'p95 gpuq':>10} {'p95 naive':>10} {'1st gpuq':>10} {'1st naive':>10} {'x hind85':>10}  goals"
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     all_ok = True
     for name in names:
         ideal = runs(name, IDEAL, (), args.seeds)
-        real = honest[name] = runs(name, HONEST, levers, args.seeds)
+        real = honest[name] = runs(name, HONEST, levers, args.seeds, args.max_instances)
         hind = hindsight_fleet_cost(load_trace(name), 0.85)
         ratio_i = [o.cost_per_job / n.cost_per_job for o, n in ideal]
         ratio = [o.cost_per_job / n.cost_per_job for o, n in real]
@@ -131,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         for lever_set in sets:
             cells = []
             for name in names:
-                got = honest[name] if lever_set == levers else runs(name, HONEST, lever_set, args.seeds)
+                got = (
+                    honest[name]
+                    if lever_set == levers
+                    else runs(name, HONEST, lever_set, args.seeds, args.max_instances)
+                )
                 ratio = [o.cost_per_job / n.cost_per_job for o, n in got]
                 p95 = [o.wait_p95_in_window_s for o, _ in got]
                 cells.append(f"{ms(ratio, '.3f')} p95 {mean(p95):.0f}")

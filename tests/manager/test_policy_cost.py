@@ -77,10 +77,16 @@ def stopped(iid: str, cold_min: float, dph: float = 0.02) -> InstanceView:
 
 def test_cold_pool_stops_idle_instances_and_starts_them_before_renting() -> None:
     cold = make_settings(idle_timeout_s=600, cold_pool_s=3 * 3600, cold_idle_s=120)
-    # Idle 3 minutes: stopped into the cold pool (not destroyed), even within the idle timeout.
-    actions = run([snap(recent_load=0.0)], [inst("i1", idle_min=3)], MARKET, cold)
+    # A spare idle 3 minutes: stopped into the cold pool (not destroyed), within the idle timeout; the last
+    # running one stays until the idle timeout (a refused restart would cost its next job a full boot).
+    two = [inst("i1", idle_min=3), inst("i2", idle_min=3, dph=0.5)]
+    actions = run([snap()], two, MARKET, cold)
     assert [type(a) for a in actions] == [ColdStop]
     assert "into the cold pool: idle 3 min" in actions[0].reason
+    assert run([snap(recent_load=0.0)], [inst("i1", idle_min=3)], MARKET, cold) == []
+    # At the idle timeout the last one is stopped rather than destroyed.
+    actions = run([snap(recent_load=0.0)], [inst("i1", idle_min=11)], MARKET, cold)
+    assert [type(a) for a in actions] == [ColdStop]
     # Work comes back: the stopped instance is started, nothing rented.
     actions = run([snap(queued=1)], [stopped("i1", 30)], MARKET, cold)
     assert [type(a) for a in actions] == [ColdStart] and actions[0].instance.id == "i1"
