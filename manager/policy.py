@@ -117,7 +117,9 @@ class InstanceView:
 
     @property
     def busy(self) -> bool:
-        return self.running_jobs > 0 or self.state == InstanceState.BUSY
+        # From the jobs it holds, not its status: 'busy' is set at a claim and cleared only by the next heartbeat
+        # (15 s by default), so an instance that has just finished its last job would read busy until then.
+        return self.running_jobs > 0
 
 
 @dataclass(frozen=True)
@@ -685,7 +687,7 @@ def _scale_in(
     if snap.last_rent_at is not None and _seconds(snap.last_rent_at, now) < plan.settings.cooldown_s:
         return  # demand rose a moment ago: hold capacity rather than flap
     surplus = len(pool) - needed
-    idle = [i for i in pool if i.state == InstanceState.IDLE and not i.busy]
+    idle = [i for i in pool if i.state in (InstanceState.IDLE, InstanceState.BUSY) and not i.busy]
     idle.sort(key=lambda i: (-rank.cost_per_job(i.gpu_name, i.dph), -_idle_seconds(i, now), i.id))
     s = plan.settings
     closes = window_closes_at(policy, now)

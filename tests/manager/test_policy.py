@@ -316,6 +316,15 @@ def test_idle_timeout() -> None:
     assert isinstance(action, Destroy) and not action.release_jobs and "idle 11 min" in action.reason
 
 
+def test_idle_timeout_counts_from_the_last_job_before_the_heartbeat_says_idle() -> None:
+    # Its status still reads 'busy' (set at the claim, cleared only by the next heartbeat) but it holds no job:
+    # it is idle since its last job finished, not since its next heartbeat.
+    cfg = make_settings(idle_timeout_s=600)
+    [action] = run([snap()], [inst("i1", S.BUSY, running=0, idle_min=11)], MARKET, cfg)
+    assert isinstance(action, Destroy) and not action.release_jobs and "idle 11 min" in action.reason
+    assert run([snap(running=1)], [inst("i1", S.BUSY, running=1, idle_min=11)], MARKET, cfg) == []
+
+
 def test_cooldown_holds_capacity_after_a_rent() -> None:
     cfg = make_settings(idle_timeout_s=600, cooldown_s=900)
     fleet = [inst("i1", idle_min=11)]
