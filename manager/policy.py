@@ -117,7 +117,7 @@ class InstanceView:
 
     @property
     def busy(self) -> bool:
-        # From the jobs it holds, not its status: 'busy' is set at a claim and cleared only by the next heartbeat
+        # From the jobs it holds, not its status: 'busy' is set at a claim and cleared by the next heartbeat
         # (15 s by default), so an instance that has just finished its last job would read busy until then.
         return self.running_jobs > 0
 

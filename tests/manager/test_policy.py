@@ -317,7 +317,7 @@ def test_idle_timeout() -> None:
 
 
 def test_idle_timeout_counts_from_the_last_job_before_the_heartbeat_says_idle() -> None:
-    # Its status still reads 'busy' (set at the claim, cleared only by the next heartbeat) but it holds no job:
+    # Its status still reads 'busy' (set at the claim, cleared by the next heartbeat) but it holds no job:
     # it is idle since its last job finished, not since its next heartbeat.
     cfg = make_settings(idle_timeout_s=600)
     [action] = run([snap()], [inst("i1", S.BUSY, running=0, idle_min=11)], MARKET, cfg)
