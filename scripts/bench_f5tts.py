@@ -167,6 +167,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _row(path: str, nfe: int, jobs: int, elapsed: float, audio_s: float) -> dict[str, object]:
+    return {
+        "path": path,
+        "nfe_step": nfe,
+        "jobs": jobs,
+        "jobs_per_s": jobs / elapsed,
+        "rtf": elapsed / audio_s,
+        "audio_s_per_job": audio_s / jobs,
+    }
+
+
+def _report(args: argparse.Namespace, results: list[dict], **extra: object) -> None:
+    """The results as a table, and as JSON when --json names a file."""
+    print(f"\n{'path':<12} {'nfe':>4} {'jobs':>5} {'jobs/s':>8} {'RTF':>8} {'audio s/job':>12}")
+    for r in results:
+        print(
+            f"{r['path']:<12} {r['nfe_step']:>4} {r['jobs']:>5} {r['jobs_per_s']:>8.3f}"
+            f" {r['rtf']:>8.4f} {r['audio_s_per_job']:>12.2f}"
+        )
+    if args.json:
+        body = {"arch": args.arch, "device": args.device, **extra, "results": results}
+        args.json.write_text(json.dumps(body, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -271,27 +295,9 @@ def main() -> None:
                 elapsed[path] += time.monotonic() - started
                 audio_seconds[path] += sf.info(str(out)).duration
         for path in paths:
-            results.append(
-                {
-                    "path": path,
-                    "nfe_step": nfe,
-                    "jobs": args.jobs,
-                    "jobs_per_s": args.jobs / elapsed[path],
-                    "rtf": elapsed[path] / audio_seconds[path],
-                    "audio_s_per_job": audio_seconds[path] / args.jobs,
-                }
-            )
+            results.append(_row(path, nfe, args.jobs, elapsed[path], audio_seconds[path]))
 
-    print(f"\n{'path':<12} {'nfe':>4} {'jobs':>5} {'jobs/s':>8} {'RTF':>8} {'audio s/job':>12}")
-    for r in results:
-        print(
-            f"{r['path']:<12} {r['nfe_step']:>4} {r['jobs']:>5} {r['jobs_per_s']:>8.3f}"
-            f" {r['rtf']:>8.4f} {r['audio_s_per_job']:>12.2f}"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps({"arch": args.arch, "device": args.device, "results": results}, indent=2)
-        )
+    _report(args, results)
     backend.close()
 
 
@@ -380,33 +386,13 @@ def bench_batch(args: argparse.Namespace, assets: dict[str, str], voices: Path, 
             for s in seeds
         )
         for path in outputs:
-            results.append(
-                {
-                    "path": path,
-                    "nfe_step": nfe,
-                    "jobs": n,
-                    "jobs_per_s": n / elapsed[path],
-                    "rtf": elapsed[path] / audio[path],
-                    "audio_s_per_job": audio[path] / n,
-                }
-            )
+            results.append(_row(path, nfe, n, elapsed[path], audio[path]))
         speedup = elapsed["sequential"] / elapsed["batched"]
         print(
             f"nfe {nfe}: batched {speedup:.2f}x sequential; batch sizes {sorted(set(sizes))};"
             f" max |batched - sequential| {diff:.2e} (16-bit WAV, same seeds)"
         )
-    print(f"\n{'path':<12} {'nfe':>4} {'jobs':>5} {'jobs/s':>8} {'RTF':>8} {'audio s/job':>12}")
-    for r in results:
-        print(
-            f"{r['path']:<12} {r['nfe_step']:>4} {r['jobs']:>5} {r['jobs_per_s']:>8.3f}"
-            f" {r['rtf']:>8.4f} {r['audio_s_per_job']:>12.2f}"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"arch": args.arch, "device": args.device, "batch": args.batch, "results": results}, indent=2
-            )
-        )
+    _report(args, results, batch=args.batch)
     for b in backends.values():
         b.close()
 
