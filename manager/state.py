@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from gpuq.client import Client
+import psycopg
+
+from gpuq.client import Client, GpuqError
 from manager.policy import (
     InstanceState,
     InstanceView,
@@ -16,6 +19,8 @@ from manager.policy import (
     in_window,
     next_window_opens_at,
 )
+
+log = logging.getLogger("gpuq.manager")
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,12 @@ def forecast_from(policy: PolicySettings, queue: str, now: datetime) -> datetime
 
 def read_forecast(client: Client, at: datetime) -> dict[str, tuple[float, float, int]]:
     """queue -> (jobs, GPU-seconds of work, days of history) expected in the hour from `at`."""
-    rows = client.call("select * from gpuq.queue_forecast(%s)", (at,))
+    try:
+        rows = client.call("select * from gpuq.queue_forecast(%s)", (at,))
+    except (GpuqError, psycopg.ProgrammingError) as exc:
+        # A forecast only adds pre-warming: without one the tick must still run its caps and idle timeouts.
+        log.warning("no forecast this tick (pre-warming skipped): %s", str(exc).strip().splitlines()[0])
+        return {}
     return {r["queue"]: (float(r["jobs"]), float(r["busy_s"]), int(r["days"])) for r in rows}
 
 

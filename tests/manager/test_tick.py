@@ -564,3 +564,22 @@ def test_dry_run_says_what_the_forecast_is(db: Client, vast: VastProvider, stand
     tick(m, dry_run=True)
     printed = "\n".join(m.echoed)  # type: ignore[attr-defined]
     assert "[dry-run] forecast tryon: 1.0 jobs, 0.01 GPUs busy in the next hour" in printed
+
+
+@pytest.mark.usefixtures("env")
+def test_a_forecast_that_cannot_be_read_still_leaves_a_working_tick(
+    db: Client, vast: VastProvider, standin: VastStandin, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database without 0011's forecast (or a manager role without its grant): the tick rents for its
+    # queue and would run its caps and idle timeouts as always, only without pre-warming.
+    standin.add_offer(dph_base=0.40, min_bid=0.2)
+    enqueue(db, 1)
+    db.conn.execute("alter function gpuq.queue_forecast(timestamptz, integer) rename to queue_forecast_gone")
+    try:
+        rented = tick(manager(db, vast, settings_for(max_instances=1, prewarm_s=2700)))
+    finally:
+        db.conn.execute(
+            "alter function gpuq.queue_forecast_gone(timestamptz, integer) rename to queue_forecast"
+        )
+    assert any(line.startswith("rent offer") for line in rented.lines)
+    assert "no forecast this tick" in caplog.text
