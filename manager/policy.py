@@ -653,6 +653,8 @@ def _worth_holding(plan: _Plan, snap: QueueSnapshot, inst: InstanceView, rank: i
     """Break-even hold: keep one idle instance past its idle timeout while the wait for the job that
     would reuse it costs less than booting another (the wait: the queue's mean gap between arrivals)."""
     s = plan.settings
+    if snap.paused:  # its arrivals cannot be claimed: holding for them only bills
+        return False
     if (s.reboot_s <= 0 and s.reboot_usd <= 0) or not snap.arrivals_per_hour:
         return False
     if rank > 1:

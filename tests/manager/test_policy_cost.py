@@ -39,6 +39,9 @@ def test_break_even_holds_one_idle_instance_while_reuse_is_cheaper_than_a_reboot
     # A job every 3 hours would cost more idling than a reboot.
     rare = snap(arrivals_per_hour=1 / 3)
     assert destroyed(run([rare], idle, MARKET, held)) == {"i1", "i2"}
+    # A paused queue's arrivals cannot be claimed: holding a spare for them only bills.
+    paused = snap(arrivals_per_hour=6.0, recent_load=0.1, paused=True)
+    assert destroyed(run([paused], idle, MARKET, held)) == {"i1", "i2"}
 
 
 def test_prewarm_rents_before_the_window_opens_for_the_forecast() -> None:
