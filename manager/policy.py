@@ -574,7 +574,7 @@ def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> 
         for inst in pool + cold:
             plan.stop(inst, f"stop {inst.id}: queue {snap.name} is not configured")
         return None
-    prewarm = _prewarm(plan, snap, policy)
+    prewarm = _prewarm(plan.settings, plan.now, snap, policy)
     if not in_window(policy, plan.now) and prewarm is None:
         hours = ", ".join(str(w) for w in policy.windows)
         for inst in pool + cold:
@@ -622,20 +622,31 @@ def _scale_queue(plan: _Plan, snap: QueueSnapshot, live: list[InstanceView]) -> 
     return None
 
 
-def _prewarm(plan: _Plan, snap: QueueSnapshot, policy: QueuePolicy) -> tuple[int, str] | None:
+def instances_wanted(
+    settings: PolicySettings, snap: QueueSnapshot, policy: QueuePolicy, now: datetime
+) -> int:
+    """How many instances the queue may want rented now: the demand's within its hours, or the forecast's
+    when pre-warming applies (before the window opens too). The tick searches offers only below this."""
+    prewarm = _prewarm(settings, now, snap, policy)
+    needed = instances_needed(snap, policy) if in_window(policy, now) else 0
+    return max(needed, prewarm[0] if prewarm is not None else 0)
+
+
+def _prewarm(
+    s: PolicySettings, now: datetime, snap: QueueSnapshot, policy: QueuePolicy
+) -> tuple[int, str] | None:
     """Instances the next hour's forecast needs ready (and why), when pre-warming applies: within the
     window, or `prewarm_s` before it opens. None: no forecast, pre-warming off, or too early."""
-    s = plan.settings
     if s.prewarm_s <= 0 or snap.paused or not snap.forecast_jobs or not snap.forecast_busy_s:
         return None
-    opens = next_window_opens_at(policy, plan.now)
-    if opens is not None and opens > plan.now:
-        if _seconds(plan.now, opens) > s.prewarm_s:
+    opens = next_window_opens_at(policy, now)
+    if opens is not None and opens > now:
+        if _seconds(now, opens) > s.prewarm_s:
             return None
-        when = f"window opens in {_duration(_seconds(plan.now, opens))}"
+        when = f"window opens in {_duration(_seconds(now, opens))}"
     else:
-        closes = window_closes_at(policy, plan.now)
-        if closes is not None and _seconds(plan.now, closes) < s.min_window_left_s:
+        closes = window_closes_at(policy, now)
+        if closes is not None and _seconds(now, closes) < s.min_window_left_s:
             return None
         when = "next hour"
     load = snap.forecast_busy_s / 3600

@@ -34,8 +34,7 @@ from manager.policy import (
     QueueSnapshot,
     Rent,
     decide,
-    in_window,
-    instances_needed,
+    instances_wanted,
 )
 from manager.providers.base import Offer, Provider, ProviderError
 from manager.reconcile import ReconcileReport, destroy_verified, reconcile
@@ -189,7 +188,7 @@ def _offers(m: Manager, snap: Snapshot, now: datetime, result: TickResult) -> li
     for name, policy in m.settings.policy.queues.items():
         snapshot = by_name.get(name) or QueueSnapshot(name, 0, 0)
         have = sum(1 for i in snap.instances if i.view.queue == name and i.status in _POOL)
-        if instances_needed(snapshot, policy) <= have or not in_window(policy, now):
+        if instances_wanted(m.settings.policy, snapshot, policy, now) <= have:
             continue
         provider_name = m.settings.launch[name].provider
         try:

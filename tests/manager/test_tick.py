@@ -583,3 +583,22 @@ def test_a_forecast_that_cannot_be_read_still_leaves_a_working_tick(
         )
     assert any(line.startswith("rent offer") for line in rented.lines)
     assert "no forecast this tick" in caplog.text
+
+
+@pytest.mark.usefixtures("env")
+def test_prewarm_searches_and_rents_for_a_forecast_with_nothing_queued(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    # Nothing queued now, but yesterday this hour had work: pre-warming keeps one ready, so the tick must
+    # search offers for it (it searched only for queued demand, and the forecast's rent never came).
+    standin.add_offer(dph_base=0.40, min_bid=0.2)
+    (job,) = enqueue(db, 1)
+    db.conn.execute(
+        "update gpuq.jobs set status = 'succeeded', created_at = now() - interval '1 day', "
+        "started_at = now() - interval '1 day', "
+        "finished_at = now() - interval '1 day' + interval '36 seconds' where id = %s",
+        (job,),
+    )
+    rented = tick(manager(db, vast, settings_for(max_instances=1, prewarm_s=2700)))
+    assert any(line.startswith("rent offer") and "forecast" in line for line in rented.lines), rented.lines
+    assert len(rows(db, "select id from gpuq.instances where terminated_at is null")) == 1
