@@ -3,16 +3,18 @@
 -- why each live instance is not running a job right now, so no rented minute idles unseen.
 
 -- Per queue: the jobs and the GPU-seconds of work expected in [p_from, p_from + 1 hour), as the mean of the
--- same hour on each of the last p_days days (fewer when the history is younger: the days since the oldest
--- finished job). Jobs are placed by when they finished (jobs_finished_idx), which for minutes-long jobs is
+-- same hour on each of the last p_days days (fewer when the history is younger: the days whose hour overlaps
+-- it). Jobs are placed by when they finished (jobs_finished_idx), which for minutes-long jobs is
 -- their hour; busy_s is measured on the GPUs that ran them. A queue with no history has no row.
 create function gpuq.queue_forecast(p_from timestamptz default now(), p_days integer default 7)
 returns table (queue text, jobs double precision, busy_s double precision, days integer)
 language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     with horizon as (
+        -- The past days whose hour overlaps the history: a day whose hour ended before the oldest finished
+        -- job saw nothing because nothing ran yet, and counting it would halve a young queue's forecast.
         select least(greatest(p_days, 1),
-                     ceil(extract(epoch from p_from - (select min(finished_at) from gpuq.jobs
-                                                        where finished_at is not null)) / 86400))::integer
+                     floor((extract(epoch from p_from - (select min(finished_at) from gpuq.jobs
+                                                         where finished_at is not null)) + 3600) / 86400))::integer
                    as days
     ), hours as (
         select p_from - make_interval(days => k) as lo

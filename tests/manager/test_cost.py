@@ -60,6 +60,16 @@ def test_queue_forecast_is_the_same_hour_on_past_days(client: Client) -> None:
     assert "img" not in read_forecast(client, now(client) + timedelta(hours=5))
 
 
+def test_queue_forecast_counts_only_days_the_history_covers(client: Client) -> None:
+    # History began 1.2 days ago; the one job in this hour yesterday is a whole day's worth. The hour two
+    # days ago predates any job: counting it would halve the forecast.
+    finished_job(client, "img", timedelta(days=1.2), 60.0)
+    finished_job(client, "img", timedelta(days=1) - timedelta(minutes=20), 60.0)
+    got = read_forecast(client, now(client))
+    assert got["img"][2] == 1
+    assert got["img"][0] == pytest.approx(1.0)
+
+
 def test_idle_by_reason_names_every_live_instance_not_running_a_job(client: Client) -> None:
     ids = {}
     for name in ("booting", "idle", "draining", "busy"):
