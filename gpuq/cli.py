@@ -150,7 +150,8 @@ def describe(job: Job) -> str:
 
 
 def job_json(job: Job) -> dict[str, Any]:
-    """A job for `--json`: every column but the lease token (the running worker's, not for scripts)."""
+    """A job as `show` and `--json` print it: every column but the lease token (the running worker's, not
+    for scripts or screens)."""
     return {k: v for k, v in job.__dict__.items() if k != "lease_token"}
 
 
@@ -228,7 +229,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json({**job_json(job), "history": history})
         return 0
-    for key, value in job.__dict__.items():
+    for key, value in job_json(job).items():
         print(f"{key:20} {fmt(value)}")
     print("\nhistory:")
     print_table(history, HISTORY_COLUMNS)

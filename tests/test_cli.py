@@ -170,3 +170,16 @@ def test_read_commands_print_json_for_scripts(client: Client) -> None:
     status = gpuq("manager", "status", "--json", env=env)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["instances"] == []
+
+
+def test_show_never_prints_a_running_jobs_lease_token(client: Client) -> None:
+    env = {"DATABASE_URL": client.url}
+    instance = enroll(client, ("held",))
+    job_id = client.enqueue("held", {})
+    (job,) = instance.claim(["held"], 1)
+    assert job.lease_token
+    for args in (("show", str(job_id)), ("show", str(job_id), "--json"), ("list", "--queue", "held")):
+        shown = gpuq(*args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert "running" in shown.stdout
+        assert str(job.lease_token) not in shown.stdout and "lease_token" not in shown.stdout
