@@ -220,6 +220,8 @@ def from_dict(raw: dict[str, Any]) -> ManagerSettings:
         launch[name] = QueueLaunch(**lk)
         if provider != "local":
             _check_models_pinned(name, launch[name].workflows)
+            if launch[name].backend == "f5tts":
+                _check_f5tts_pinned(name, launch[name].env)
 
     # The cold pool is the simulator's until a provider can stop and start: not a configuration key.
     top = _pick(PolicySettings, raw, "the configuration", {"queues", "cold_pool_s", "cold_idle_s"})
@@ -399,6 +401,28 @@ def _check_models_pinned(queue: str, names: tuple[str, ...]) -> None:
             f'{", ".join(unpinned)}; rented hosts download only models pinned by hash (add "sha256" '
             "to each model in workflows/NAME.binding.json)"
         )
+
+
+# F5-TTS's model files and the variable that pins each (worker/backends/model_files.py checks the hash).
+_F5TTS_FILES = {
+    "F5TTS_CKPT_FILE": "F5TTS_CKPT_SHA256",
+    "F5TTS_VOCAB_FILE": "F5TTS_VOCAB_SHA256",
+    "F5TTS_VOCODER_DIR": "F5TTS_VOCODER_SHA256",
+}
+
+
+def _check_f5tts_pinned(queue: str, env: Mapping[str, str]) -> None:
+    """Refuse a rented f5tts queue that leaves a model file to f5-tts's default (an unpinned hub download)
+    or names a remote one without its sha256: rented hosts run only weights pinned by hash."""
+    for name, pin in _F5TTS_FILES.items():
+        where = env.get(name, "")
+        if not where:
+            raise SystemExit(
+                f"gpuq manager: queues.{queue}.env: {name} is not set; a rented f5tts host would download "
+                f"unpinned weights from the model hub: set it to a URL or s3:// path and {pin} to its sha256"
+            )
+        if "://" in where and not _SHA256.match(env.get(pin, "").strip().lower()):
+            raise SystemExit(f"gpuq manager: queues.{queue}.env: {name} is remote; set {pin} to its sha256")
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -17,6 +17,7 @@ from manager.config import from_dict
 from manager.providers.base import LaunchSpec, Offer, OfferFilter
 from manager.providers.vast import VastProvider
 from tests.manager.conftest import VAST_KEY
+from tests.manager.test_config import F5TTS_PINNED
 from tests.standins.vast_server import VastStandin
 
 # Stands in for python3 (and the venv's python): makes the venv, records pip, runs "the worker".
@@ -67,6 +68,7 @@ def test_instances_get_the_worker_role_and_named_credentials_only(monkeypatch: p
     worker_keys = {
         "AWS_ACCESS_KEY_ID": "AKIAWORKER0000000001",
         "AWS_SECRET_ACCESS_KEY": "worker-only-secret-0",
+        **F5TTS_PINNED,
     }
     ms = from_dict({"queues": {"tts": {"provider": "vast", "backend": "f5tts", "env": worker_keys}}})
     env = instance_env(ms, "tts", "vast")

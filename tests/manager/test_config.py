@@ -75,6 +75,15 @@ MANAGER_ENV = {
     "SUPABASE_SERVICE_ROLE_KEY": "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2lnbmF0dXJl",
 }
 PIN = "gpuq==0.1.0 --hash=sha256:" + "0" * 64
+# A rented f5tts queue's model files, each pinned by its sha256.
+F5TTS_PINNED = {
+    "F5TTS_CKPT_FILE": "s3://models/f5-spanish/model.safetensors",
+    "F5TTS_CKPT_SHA256": "a" * 64,
+    "F5TTS_VOCAB_FILE": "s3://models/f5-spanish/vocab.txt",
+    "F5TTS_VOCAB_SHA256": "b" * 64,
+    "F5TTS_VOCODER_DIR": "s3://models/vocos-mel-24khz.tar.gz",
+    "F5TTS_VOCODER_SHA256": "c" * 64,
+}
 
 
 def _jwt(claims: str) -> str:
@@ -249,6 +258,24 @@ def test_install_settings_must_pin_this_version_by_hash(
 
 
 @pytest.mark.usefixtures("manager_env")
+def test_rented_f5tts_queues_run_only_weights_pinned_by_hash() -> None:
+    # Left unset, f5-tts downloads its default weights from the model hub, pinned by nothing.
+    assert "queues.tts.env: F5TTS_CKPT_FILE is not set" in refusal(
+        {"queues": {"tts": {"provider": "vast", "backend": "f5tts"}}}
+    )
+    unpinned = {**F5TTS_PINNED, "F5TTS_VOCAB_SHA256": ""}
+    assert "F5TTS_VOCAB_FILE is remote; set F5TTS_VOCAB_SHA256" in refusal(
+        {"queues": {"tts": {"provider": "vast", "backend": "f5tts", "env": unpinned}}}
+    )
+    ms = from_dict({"queues": {"tts": {"provider": "vast", "backend": "f5tts", "env": F5TTS_PINNED}}})
+    assert ms.launch["tts"].env["F5TTS_CKPT_FILE"].startswith("s3://")
+    # A local worker uses what this machine has: no pin required.
+    assert (
+        from_dict({"queues": {"tts": {"provider": "local", "backend": "f5tts"}}}).launch["tts"].backend
+        == "f5tts"
+    )
+
+
 def test_rented_queues_name_only_workflows_whose_models_are_pinned() -> None:
     ms = from_dict(
         {"queues": {"q": {"provider": "vast", "workflows": ["looks_tryon", "sdxl_text_to_image"]}}}
