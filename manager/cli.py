@@ -26,7 +26,7 @@ from manager.metrics import Metrics
 from manager.preflight import check_before_renting
 from manager.providers import REGISTRY
 from manager.providers.base import Provider
-from manager.state import idle_by_reason, status_lines
+from manager.state import idle_by_reason, idle_hours, status_lines
 from manager.tick import Manager, tick
 
 log = logging.getLogger("gpuq.manager")
@@ -273,6 +273,7 @@ def _status(client: Client, ms: ManagerSettings, days: int, *, as_json: bool = F
         ),
         # Every instance not running a job, with why it is billing (issue 12), and the forecast as text.
         "idle_by_reason": idle_by_reason(client, ms.policy),
+        "idle_today_by_reason": idle_hours(client, tz),
         "cost_lines": status_lines(client, ms.policy),
     }
     if as_json:

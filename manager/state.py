@@ -217,6 +217,32 @@ def idle_by_reason(client: Client, policy: PolicySettings | None = None) -> list
     return out
 
 
+def record_idle(client: Client, policy: PolicySettings, tick_seconds: float) -> None:
+    """Book each instance's idle time since the manager last looked to the reason it has now
+    (gpuq.record_idle; `manager status` sums them). A bookkeeping failure never stops a tick."""
+    rows = idle_by_reason(client, policy)
+    try:
+        client.call(
+            "select gpuq.record_idle(%s, %s, %s)",
+            (
+                [r["instance_id"] for r in rows],
+                [r["reason"] for r in rows],
+                max(1.0, min(tick_seconds, 86400.0)),
+            ),
+        )
+    except (GpuqError, psycopg.ProgrammingError) as exc:
+        log.warning("idle time not recorded this tick: %s", str(exc).strip().splitlines()[0])
+
+
+def idle_hours(client: Client, budget_tz: str) -> list[dict[str, Any]]:
+    """Idle instance-hours and $ per reason since midnight in the budget's time zone."""
+    return client.call(
+        "select reason, instances, hours, usd from gpuq.idle_hours_by_reason("
+        "date_trunc('day', now() at time zone %s) at time zone %s)",
+        (budget_tz, budget_tz),
+    )
+
+
 def idle_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """reason -> {instances, idle instance-minutes so far, $/h billing} over idle_by_reason's rows."""
     summary: dict[str, dict[str, float]] = {}
@@ -235,6 +261,13 @@ def status_lines(client: Client, policy: PolicySettings) -> list[str]:
     if policy.prewarm_s > 0:
         queues = with_forecasts(client, [], policy, now)
         lines += forecast_lines(queues, policy, now)
+    hours = idle_hours(client, policy.budget_tz)
+    lines.append(f"idle today ({policy.budget_tz}) by reason  (select * from gpuq.idle_hours_by_reason(…))")
+    lines += [
+        f"  {r['reason']}: {float(r['hours']):.2f} instance-hours, ${float(r['usd']):.4f}, "
+        f"{r['instances']} instance(s)"
+        for r in hours
+    ] or ["  none"]
     rows = idle_by_reason(client, policy)
     lines.append(f"not running a job: {len(rows)} instance(s)  (select * from gpuq.idle_by_reason())")
     for r in rows:

@@ -38,7 +38,14 @@ from manager.policy import (
 )
 from manager.providers.base import Offer, Provider, ProviderError
 from manager.reconcile import ReconcileReport, destroy_verified, reconcile
-from manager.state import DbInstance, Snapshot, forecast_lines, managed_instances, read_snapshot
+from manager.state import (
+    DbInstance,
+    Snapshot,
+    forecast_lines,
+    managed_instances,
+    read_snapshot,
+    record_idle,
+)
 
 log = logging.getLogger("gpuq.manager")
 
@@ -173,6 +180,7 @@ def _tick(m: Manager, result: TickResult, dry_run: bool, now: datetime | None) -
                 _record_storage(m, action.offer, result.rented[-1])
     if not dry_run:
         _renew_credentials(m, result)
+        record_idle(m.client, s.policy, s.tick_seconds)
     if not actions:
         queues = (
             ", ".join(f"{q.name}: {q.queued} queued, {q.running} running" for q in snap.queues) or "no jobs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -165,6 +166,8 @@ def test_manager_status_prints_why_each_idle_instance_bills(
         (secret_hash(new_secret()),),
     )[0]["id"]
     client.conn.execute("update gpuq.instances set status = 'booting' where id = %s", (iid,))
+    client.conn.execute("truncate gpuq.idle_ledger, gpuq.manager_ticks")
+    client.call("select gpuq.record_idle(%s, %s, 60)", ([iid], ["booting"]))
     config = tmp_path / "manager.json"
     config.write_text(json.dumps({"queues": {"default": {"provider": "local", "idle_timeout_s": 10}}}))
     env = {
@@ -183,3 +186,90 @@ def test_manager_status_prints_why_each_idle_instance_bills(
     assert done.returncode == 0, done.stderr
     assert "not running a job: 1 instance(s)" in done.stdout
     assert f"instance {iid} (local:local-1) booting" in done.stdout and ": booting" in done.stdout
+    # What idling cost today, by reason (the ledger the ticks keep).
+    assert "idle today (UTC) by reason" in done.stdout
+    assert re.search(r"\n  booting: \d+\.\d\d instance-hours, \$\d+\.\d{4}, 1 instance\(s\)\n", done.stdout)
+
+
+def rented_idle(client: Client, name: str, idle_for: timedelta, dph: float = 0.4) -> int:
+    """A live, registered instance that finished its last job `idle_for` ago."""
+    iid = client.call(
+        "select gpuq.record_rent('vast', %s, 'o1', %s, 'gpuq:test:img', 'A40', 1, 46000, %s::numeric, true, "
+        "array['img'], 'rent', 1, %s) as id",
+        (f"p-{name}", f"m-{name}", dph, secret_hash(new_secret())),
+    )[0]["id"]
+    client.conn.execute(
+        "update gpuq.instances set status = 'idle', created_at = now() - interval '3 hours', "
+        "ready_at = now() - interval '2 hours', last_job_at = now() - %s where id = %s",
+        (idle_for, iid),
+    )
+    return iid
+
+
+def ledger(client: Client, iid: int) -> list[tuple[str, float, float]]:
+    rows = client.call(
+        "select reason, seconds, usd from gpuq.idle_ledger where instance_id = %s order by id", (iid,)
+    )
+    return [(r["reason"], r["seconds"], float(r["usd"])) for r in rows]
+
+
+def test_record_idle_books_the_time_since_the_manager_last_looked(client: Client) -> None:
+    client.conn.execute("truncate gpuq.idle_ledger, gpuq.manager_ticks")
+    iid = rented_idle(client, "idle", timedelta(minutes=50))
+    busy = rented_idle(client, "busy", timedelta(minutes=50))
+    job = client.enqueue("img", {})
+    client.conn.execute(
+        "update gpuq.jobs set status = 'running', instance_id = %s, started_at = now(), "
+        "lease_expires_at = now() + interval '1 minute' where id = %s",
+        (busy, job),
+    )
+    # The previous tick was a minute ago: one minute is booked to the reason (the instance running a job,
+    # passed by mistake, gets nothing).
+    client.conn.execute(
+        "insert into gpuq.manager_ticks (singleton, last_tick_at) values (true, now() - interval '60 s')"
+    )
+    assert (
+        client.call("select gpuq.record_idle(%s, %s, 60) as n", ([iid, busy], ["waiting", "waiting"]))[0]["n"]
+        == 1
+    )
+    [(reason, seconds, usd)] = ledger(client, iid)
+    assert (
+        reason == "waiting"
+        and seconds == pytest.approx(60, abs=2)
+        and usd == pytest.approx(60 * 0.4 / 3600, abs=1e-4)
+    )
+    assert ledger(client, busy) == []
+    # The manager was down for half an hour: two ticks' worth go to the reason, the rest is unseen.
+    client.conn.execute("update gpuq.idle_ledger set at = now() - interval '30 minutes'")
+    client.conn.execute("update gpuq.manager_ticks set last_tick_at = now() - interval '30 minutes'")
+    client.call("select gpuq.record_idle(%s, %s, 60)", ([iid], ["held"]))
+    assert [(r, round(s)) for r, s, _ in ledger(client, iid)[1:]] == [
+        ("held", 120),
+        ("unseen: the manager did not look", 1680),
+    ]
+    today = {
+        r["reason"]: r
+        for r in client.call("select * from gpuq.idle_hours_by_reason(now() - interval '1 day')")
+    }
+    assert today["unseen: the manager did not look"]["hours"] == pytest.approx(1680 / 3600, abs=0.01)
+    assert float(today["held"]["usd"]) == pytest.approx(120 * 0.4 / 3600, abs=1e-4)
+    # Bad calls are refused, not booked.
+    for args in (([iid], ["x"], 0), ([iid], ["x"], -5), ([iid], ["x", "y"], 60), ([iid], ["x"], 1e9)):
+        with pytest.raises(Exception, match="must be"):
+            client.call("select gpuq.record_idle(%s, %s, %s)", args)
+
+
+def test_a_host_can_neither_book_nor_read_idle_time(client: Client, worker_login: str, settings: Any) -> None:
+    iid = rented_idle(client, "victim", timedelta(minutes=5))
+    host = Client.connect(worker_login, settings)
+    try:
+        for sql, args in (
+            ("select gpuq.record_idle(%s, %s, 60)", ([iid], ["forged"])),
+            ("select * from gpuq.idle_hours_by_reason(now() - interval '1 day')", ()),
+            ("select * from gpuq.idle_ledger", ()),
+        ):
+            with pytest.raises(Exception, match="permission denied"):
+                host.call(sql, args)
+    finally:
+        host.close()
+    assert "forged" not in [r for r, _, _ in ledger(client, iid)]

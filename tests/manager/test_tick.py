@@ -602,3 +602,26 @@ def test_prewarm_searches_and_rents_for_a_forecast_with_nothing_queued(
     rented = tick(manager(db, vast, settings_for(max_instances=1, prewarm_s=2700)))
     assert any(line.startswith("rent offer") and "forecast" in line for line in rented.lines), rented.lines
     assert len(rows(db, "select id from gpuq.instances where terminated_at is null")) == 1
+
+
+@pytest.mark.usefixtures("env")
+def test_each_tick_books_idle_time_to_its_reason(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> None:
+    standin.add_offer(dph_base=0.40, min_bid=0.2)
+    enqueue(db, 1)
+    tick(manager(db, vast, settings_for(max_instances=1)))
+    (row,) = rows(db, "select id, provider_instance_id from gpuq.instances")
+    db.conn.execute("update gpuq.jobs set status = 'cancelled', finished_at = now()")
+    host(db, standin, row["provider_instance_id"])  # its worker registers: idle
+    db.conn.execute("update gpuq.manager_ticks set last_tick_at = now() - interval '30 seconds'")
+    tick(manager(db, vast, settings_for(max_instances=1)))
+    booked = rows(
+        db, "select reason, seconds from gpuq.idle_ledger where instance_id = %s order by id", row["id"]
+    )
+    # The first tick booked the moment it rented it (requested); the second the half minute since.
+    assert [r["reason"] for r in booked] == ["requested", "waiting for work (idle timeout 10 min)"]
+    assert 0 < booked[1]["seconds"] <= 31
+    # A dry run looks but books nothing.
+    tick(manager(db, vast, settings_for(max_instances=1)), dry_run=True)
+    assert len(rows(db, "select 1 from gpuq.idle_ledger where instance_id = %s", row["id"])) == 2
