@@ -319,6 +319,12 @@ class F5TTSBackend:
             region = self.default_region if detection.region == NEUTRAL else detection.region
         if normalize_text:
             text = normalize(text, region)
+            # Numbers written out grow the text (a 15-digit number becomes ~30 words): check it again.
+            if len(text) > self.max_text_chars:
+                raise _invalid(
+                    f"text has {len(text)} characters once its numbers and symbols are written out in words,"
+                    f" more than the limit of {self.max_text_chars}: shorten it"
+                )
 
         # The voice last: a payload reference is fetched, so check everything cheap first.
         voice = payload.get("voice")
