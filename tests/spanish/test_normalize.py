@@ -92,3 +92,8 @@ def test_a_long_id_is_read_digit_by_digit() -> None:
 def test_mixed_separators_do_not_raise() -> None:
     """A slip of the keyboard: the digits after the last mark are the decimals."""
     assert normalize("0..,.90", "andean") == "cero coma noventa"
+
+
+def test_ordinal_zero_is_spoken() -> None:
+    """num2words has no ordinal for 0 (it gives ""): "0º" must not vanish from the text."""
+    assert normalize("a 0º") == "a cero"

@@ -209,7 +209,7 @@ def _money(amount: str, names: tuple[str, str, str], region: str) -> str:
 
 
 def _ordinal(n: int, feminine: bool, short: bool) -> str:
-    words = str(num2words(n, lang="es", to="ordinal"))
+    words = str(num2words(n, lang="es", to="ordinal")) or "cero"  # num2words gives "" for 0
     if feminine:
         words = " ".join(w[:-1] + "a" if w.endswith("o") else w for w in words.split())
     elif short and words.endswith(("primero", "tercero")):
