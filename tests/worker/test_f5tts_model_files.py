@@ -268,7 +268,12 @@ def test_s3_file_over_the_byte_cap(
         files.file("vocab file", "s3://capped/vocab.txt", published["sha"]["vocab.txt"])
     assert f"it is {size} bytes, more than the limit of {size - 1}" in err.value.message
     assert files_in(tmp_path / "cache") == []
-    files.max_bytes = size
+    files.max_bytes, files.deadline_s = size, 0.0  # the deadline holds for S3 too
+    with pytest.raises(JobError) as err:
+        files.file("vocab file", "s3://capped/vocab.txt", published["sha"]["vocab.txt"])
+    assert "it took more than 0 s (F5TTS_MODEL_DOWNLOAD_TIMEOUT_S)" in err.value.message
+    assert files_in(tmp_path / "cache") == []
+    files.deadline_s = 60
     assert (
         sha256_of(files.file("vocab file", "s3://capped/vocab.txt", published["sha"]["vocab.txt"]))
         == (published["sha"]["vocab.txt"])
