@@ -73,3 +73,27 @@ def test_no_digits_left() -> None:
     text = "El 15/08/2023 a las 10:45 pagué $3.200,75 por 2 kg de café (el 12% más) en la 5ta tienda."
     for region in ("rioplatense", "mexican", "neutral"):
         assert not re.search(r"\d", normalize(text, region)), normalize(text, region)
+
+
+def test_a_long_id_is_read_digit_by_digit() -> None:
+    """An order or account number is read as its digits (num2words cannot name 28 digits or more, and
+    int() refuses 4300), never raising: an error here would fail the job as a worker fault, retried."""
+    order = "1234567890" * 4
+    spoken = normalize(f"Su pedido {order} llega hoy.")
+    words = "uno dos tres cuatro cinco seis siete ocho nueve cero"
+    assert spoken == f"Su pedido {' '.join([words] * 4)} llega hoy."
+    assert normalize("9" * 40) == " ".join(["nueve"] * 40)
+    assert normalize("id 1" + "0" * 5000).split() == ["id", "uno", *["cero"] * 5000]
+    # with separators too, and 15 digits are still a number
+    assert normalize("4111.1111.1111.1111") == " ".join(["cuatro"] + ["uno"] * 15)
+    assert normalize("999999999999999").startswith("novecientos noventa y nueve billones")
+
+
+def test_mixed_separators_do_not_raise() -> None:
+    """A slip of the keyboard: the digits after the last mark are the decimals."""
+    assert normalize("0..,.90", "andean") == "cero coma noventa"
+
+
+def test_ordinal_zero_is_spoken() -> None:
+    """num2words has no ordinal for 0 (it gives ""): "0º" must not vanish from the text."""
+    assert normalize("a 0º") == "a cero"

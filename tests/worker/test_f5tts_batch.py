@@ -359,3 +359,30 @@ def test_a_worker_runs_its_queued_tts_jobs_as_one_batch(
         want = wave_of(alone.run(make_ctx(tmp_path / f"alone-{job_id}", payload)[0]))
         assert_same_audio(sf.read(str(output_file(out["url"])))[0], want)
     assert max(sizes) > 1, sizes  # jobs shared a forward pass
+
+
+def test_a_batch_that_fails_after_embedding_its_text_leaves_no_text_for_the_next(
+    alone: F5TTSBackend, batched: F5TTSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of different lengths have their text embedded before the ODE starts. A pass that fails after
+    that (here f5-tts's timesteps, once; on a GPU, say, out of memory for the starting noise) must not leave
+    those embeddings for the next pass, which would reuse them (DiT's cache) for another job's text."""
+    import f5_tts.model.utils
+
+    real = f5_tts.model.utils.get_epss_timesteps
+    failed: list[bool] = []
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("injected failure after the text was embedded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(f5_tts.model.utils, "get_epss_timesteps", fail_once)
+    first = run_together(batched, tmp_path / "b", [JOBS[0], JOBS[3]], rows=2)  # two lengths: row embeddings
+    assert failed and all(isinstance(r, JobError) and r.code == ErrorCode.BACKEND_ERROR for r in first)
+    # The next pass has rows of one length only: it embeds its text through the DiT's cache.
+    got = batched.run(make_ctx(tmp_path / "next", {"nfe_step": 6, **JOBS[1]})[0])
+    assert got.metrics["batch_size"] == 1
+    want = alone.run(make_ctx(tmp_path / "alone", {"nfe_step": 6, **JOBS[1]})[0])
+    assert_same_audio(wave_of(got), wave_of(want))

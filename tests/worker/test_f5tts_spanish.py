@@ -192,3 +192,34 @@ def test_default_region_setting(assets: dict[str, str]) -> None:
     assert isinstance(b, F5TTSBackend) and b.default_region == "andean"
     with pytest.raises(ValueError, match="F5TTS_DEFAULT_REGION must be one of"):
         BACKENDS["f5tts"]({"F5TTS_DEFAULT_REGION": "martian"})
+
+
+def test_a_long_id_is_spoken_digit_by_digit(backend: F5TTSBackend, tmp_path: Path) -> None:
+    """A 40-digit order number (num2words cannot name it) succeeds, spoken as its digits."""
+    text = f"Su pedido {'1234567890' * 4}."
+    out, _ = run(backend, tmp_path, {"text": text, "region": "neutral"})
+    spoken = normalize(text, "neutral")
+    assert spoken.startswith("Su pedido uno dos tres") and spoken.count("cero") == 4
+    assert sf.info(str(out)).frames == chunk_samples(spoken, 1.0)  # the length of the spoken digits
+
+
+def test_text_too_long_once_normalised_is_invalid_input(assets: dict[str, str], tmp_path: Path) -> None:
+    """The limit holds for the text the model reads: numbers written out can make it several times longer.
+    Bad input, not a worker fault: the job is not retried."""
+    b = F5TTSBackend(**assets, device="cpu", max_text_chars=100)
+    b.start()
+    try:
+        text = "Pagué 123 456 789 012 y 345 678."  # 32 characters, 200 once written out
+        assert len(text) <= 100 < len(normalize(text, "neutral"))
+        ctx, _ = make_ctx(tmp_path, {"text": text, "voice": "lucia", "region": "neutral"})
+        with pytest.raises(JobError) as err:
+            b.run(ctx)
+        assert err.value.code == ErrorCode.INPUT_INVALID and not err.value.retryable
+        assert "characters once its numbers and symbols are written out in words" in err.value.message
+        assert "limit of 100" in err.value.message
+        # the same text unnormalised fits
+        raw = {"text": text, "voice": "lucia", "normalize": False, "nfe_step": 4}
+        ctx, _ = make_ctx(tmp_path / "raw", raw)
+        assert b.run(ctx).outputs
+    finally:
+        b.close()

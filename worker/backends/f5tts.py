@@ -39,6 +39,8 @@ import numpy as np
 
 from worker.backends.base import BackendResult, JobContext, OutputFile
 from worker.backends.f5tts_batch import Batcher
+from worker.backends.model_files import DEADLINE_S as MODEL_DOWNLOAD_TIMEOUT_S
+from worker.backends.model_files import MAX_BYTES as MODEL_MAX_BYTES
 from worker.backends.model_files import ModelFiles
 from worker.errors import ErrorCode, JobError
 from worker.spanish.normalize import normalize
@@ -168,6 +170,8 @@ class F5TTSBackend:
         vocoder_sha256: str | None = None,
         cache_dir: str | None = None,
         s3_endpoint_url: str | None = None,
+        model_max_bytes: int = MODEL_MAX_BYTES,
+        model_download_timeout_s: float = MODEL_DOWNLOAD_TIMEOUT_S,
         max_batch: int = 8,
         batch_window_ms: float = 50,
     ) -> None:
@@ -176,7 +180,8 @@ class F5TTSBackend:
         the Hugging Face hub; `vocab_file` "" is the package's own vocabulary. `device` None picks
         CUDA when present. The checkpoint, vocab file and vocoder may also be http(s) or s3:// URLs (the
         vocoder then a .tar/.tar.gz of its folder), fetched into `cache_dir` and checked against their
-        sha256 (worker/backends/model_files.py). `default_region`: a job's region when it names none, and
+        sha256 (worker/backends/model_files.py), each at most `model_max_bytes` and fetched within
+        `model_download_timeout_s`. `default_region`: a job's region when it names none, and
         `auto`'s answer for a text without markers. `max_batch` > 1 runs the chunks of jobs that arrive
         together (GPUQ_CONCURRENCY f5tts > 1) in one forward pass (worker/backends/f5tts_batch.py)."""
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -199,6 +204,8 @@ class F5TTSBackend:
         self.sha256 = {"checkpoint": ckpt_sha256, "vocab file": vocab_sha256, "vocoder": vocoder_sha256}
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "gpuq" / "f5tts"
         self.s3_endpoint_url = s3_endpoint_url
+        self.model_max_bytes = model_max_bytes
+        self.model_download_timeout_s = model_download_timeout_s
         self.max_text_chars = max_text_chars
         self._tts: F5TTS | None = None
         self._lock = threading.Lock()  # one generation at a time: the model is shared
@@ -208,7 +215,12 @@ class F5TTSBackend:
     def start(self) -> None:
         if self._tts is not None:
             return
-        files = ModelFiles(self.cache_dir, s3_endpoint_url=self.s3_endpoint_url)
+        files = ModelFiles(
+            self.cache_dir,
+            s3_endpoint_url=self.s3_endpoint_url,
+            max_bytes=self.model_max_bytes,
+            deadline_s=self.model_download_timeout_s,
+        )
         fetched = time.monotonic()
         ckpt_file = (
             str(files.file("checkpoint", self.ckpt_file, self.sha256["checkpoint"])) if self.ckpt_file else ""
@@ -319,6 +331,12 @@ class F5TTSBackend:
             region = self.default_region if detection.region == NEUTRAL else detection.region
         if normalize_text:
             text = normalize(text, region)
+            # Numbers written out grow the text (a 15-digit number becomes ~30 words): check it again.
+            if len(text) > self.max_text_chars:
+                raise _invalid(
+                    f"text has {len(text)} characters once its numbers and symbols are written out in words,"
+                    f" more than the limit of {self.max_text_chars}: shorten it"
+                )
 
         # The voice last: a payload reference is fetched, so check everything cheap first.
         voice = payload.get("voice")

@@ -308,6 +308,16 @@ class Batcher:
         transformer.text_uncond = pad_sequence(embedded[True], batch_first=True, padding_value=0.0)
 
     def _forward(self, rows: list[_Row], record: dict[str, Any]) -> list[np.ndarray]:
+        """`_sample`, with the DiT's text cache holding this batch's text only: emptied first (in case an
+        earlier pass failed before clearing it) and cleared afterwards, whichever step fails."""
+        transformer = self.tts.ema_model.transformer
+        transformer.clear_cache()
+        try:
+            return self._sample(rows, record)
+        finally:
+            transformer.clear_cache()
+
+    def _sample(self, rows: list[_Row], record: dict[str, Any]) -> list[np.ndarray]:
         """CFM.sample for a batch whose rows each bring their own reference, text, length and noise."""
         import torch
         import torch.nn.functional as F
@@ -366,10 +376,7 @@ class Batcher:
             t = get_epss_timesteps(nfe_step, device=device, dtype=dtype)
             t = t + SWAY_SAMPLING_COEF * (torch.cos(torch.pi / 2 * t) - 1 + t)
             ode_started = time.monotonic()
-            try:
-                trajectory = odeint(fn, y0, t, **model.odeint_kwargs)
-            finally:
-                model.transformer.clear_cache()
+            trajectory = odeint(fn, y0, t, **model.odeint_kwargs)
             record["ode_seconds"] = round(time.monotonic() - ode_started, 4)
             out = torch.where(cond_mask, cond, trajectory[-1])
 

@@ -7,6 +7,10 @@ path is used where it is; its sha256 is checked when one is configured.
 
 The vocoder is a directory (config.yaml + pytorch_model.bin); remotely it is a .tar or .tar.gz archive of
 those two files, unpacked next to the archive in the cache.
+
+A download is refused when it is larger than `max_bytes` (known from its length before reading, or once
+that many bytes have come) or takes longer than `deadline_s` in all. Files are written under a name of their
+own (mkstemp) and renamed into place when whole, so processes sharing one cache never write into one file.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +33,42 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 VOCODER_FILES = ("config.yaml", "pytorch_model.bin")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_BYTES = 20 * 10**9  # F5TTS_MODEL_MAX_BYTES: the Spanish checkpoint is 1.35 GB, the vocoder 54 MB
+DEADLINE_S = 2 * 3600.0  # F5TTS_MODEL_DOWNLOAD_TIMEOUT_S: per file, in all
+
+
+class _Refused(Exception):
+    """A download went over its byte cap or its deadline."""
+
+
+class _CappedWriter:
+    """Writes to `out` until `max_bytes` have come or the deadline passes, then refuses."""
+
+    def __init__(self, out: BinaryIO, max_bytes: int, deadline_s: float) -> None:
+        self.out = out
+        self.max_bytes = max_bytes
+        self.deadline_s = deadline_s
+        self.deadline = time.monotonic() + deadline_s
+        self.written = 0
+
+    def check_size(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise _Refused(
+                f"it is {size} bytes, more than the limit of {self.max_bytes} (F5TTS_MODEL_MAX_BYTES)"
+            )
+
+    def write(self, block: bytes) -> int:
+        self.written += len(block)
+        if self.written > self.max_bytes:
+            raise _Refused(
+                f"it is more than the limit of {self.max_bytes} bytes (F5TTS_MODEL_MAX_BYTES); stopped there"
+            )
+        if time.monotonic() > self.deadline:
+            raise _Refused(
+                f"it took more than {self.deadline_s:g} s (F5TTS_MODEL_DOWNLOAD_TIMEOUT_S);"
+                f" stopped after {self.written} bytes"
+            )
+        return self.out.write(block)
 
 
 def _unavailable(message: str) -> JobError:
@@ -50,7 +91,9 @@ def sha256_of(path: Path) -> str:
 class ModelFiles:
     cache_dir: Path
     s3_endpoint_url: str | None = None  # a stand-in or S3-compatible store; None: AWS
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # for each read
+    max_bytes: int = MAX_BYTES  # for each file
+    deadline_s: float = DEADLINE_S  # for each file, in all
 
     def file(self, label: str, source: str, sha256: str | None) -> Path:
         """The local path of `source`, downloaded and checked if it is remote."""
@@ -111,11 +154,15 @@ class ModelFiles:
                     raise _unavailable(f"the F5-TTS vocoder archive {source} holds no {name}")
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                tmp = target / f".{name}.part"
-                with tmp.open("wb") as out:
-                    while block := extracted.read(CHUNK):
-                        out.write(block)
-                tmp.replace(target / name)
+                fd, tmp_name = tempfile.mkstemp(dir=target, prefix=f".{name}.")
+                tmp = Path(tmp_name)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        while block := extracted.read(CHUNK):
+                            out.write(block)
+                    tmp.replace(target / name)
+                finally:
+                    tmp.unlink(missing_ok=True)
         return target
 
     def _check(self, label: str, source: str, path: Path, sha256: str, *, delete: bool) -> None:
@@ -127,18 +174,27 @@ class ModelFiles:
 
     def _download(self, label: str, source: str, out: BinaryIO) -> None:
         url = urlparse(source)
+        capped = _CappedWriter(out, self.max_bytes, self.deadline_s)
         try:
             if url.scheme == "s3":
                 import boto3
 
                 client = boto3.client("s3", endpoint_url=self.s3_endpoint_url)
-                client.download_fileobj(url.netloc, url.path.lstrip("/"), out)
+                bucket, key = url.netloc, url.path.lstrip("/")
+                capped.check_size(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+                client.download_fileobj(bucket, key, capped)
             else:
                 import requests
 
                 with requests.get(source, stream=True, timeout=self.timeout_s) as response:
                     response.raise_for_status()
-                    for block in response.iter_content(CHUNK):
-                        out.write(block)
+                    length = response.headers.get("Content-Length", "")
+                    if length.isdigit():
+                        capped.check_size(int(length))
+                    # small reads: each blocks until it is full, and the deadline is checked between them
+                    for block in response.iter_content(1 << 16):
+                        capped.write(block)
+        except _Refused as exc:
+            raise _unavailable(f"refused to download the F5-TTS {label} from {source}: {exc}") from exc
         except Exception as exc:
             raise _unavailable(f"cannot download the F5-TTS {label} from {source}: {exc}") from exc

@@ -123,6 +123,23 @@ FUNCTION_WORDS = {
 ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
 
 _NUM = r"\d[\d.,]*\d|\d"  # a number as written, separators included
+# A number of more digits is an id (an order, an account, a card): Spanish speakers read it digit by digit.
+# (num2words also fails from 28 digits on, and int() from 4300.)
+MAX_DIGITS = 15
+DIGITS = "cero uno dos tres cuatro cinco seis siete ocho nueve".split()  # noqa: SIM905
+
+
+def digit_by_digit(written: str) -> str:
+    """'4711-0815' -> 'cuatro siete uno uno cero ocho uno cinco': every digit, nothing else."""
+    return " ".join(DIGITS[int(c)] for c in written if c.isdecimal())
+
+
+def _long_numbers_by_digit(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        written = m.group()
+        return digit_by_digit(written) if sum(c.isdecimal() for c in written) > MAX_DIGITS else written
+
+    return re.sub(_NUM, sub, text)
 
 
 def cardinal(n: int) -> str:
@@ -165,8 +182,8 @@ def _parse_number(written: str, region: str) -> tuple[int, str | None]:
         decimal = mark
     else:
         return int(written), None
-    whole, _, frac = written.partition(decimal)
-    return int(whole.replace("," if decimal == "." else ".", "")), frac or None
+    whole, _, frac = written.rpartition(decimal)  # "0..,.90": the digits after the last mark
+    return int(whole.replace(",", "").replace(".", "") or "0"), frac or None
 
 
 def _number_words(written: str, region: str) -> str:
@@ -192,7 +209,7 @@ def _money(amount: str, names: tuple[str, str, str], region: str) -> str:
 
 
 def _ordinal(n: int, feminine: bool, short: bool) -> str:
-    words = str(num2words(n, lang="es", to="ordinal"))
+    words = str(num2words(n, lang="es", to="ordinal")) or "cero"  # num2words gives "" for 0
     if feminine:
         words = " ".join(w[:-1] + "a" if w.endswith("o") else w for w in words.split())
     elif short and words.endswith(("primero", "tercero")):
@@ -246,6 +263,7 @@ def normalize(text: str, region: str = NEUTRAL) -> str:
         # "etc." at the end of the text also ends it: keep that full stop.
         text = re.sub(rf"(?<!\w){re.escape(written)}(?!\w)(?=(\s*$)?)", _keep_stop(spoken), text)
 
+    text = _long_numbers_by_digit(text)  # first: every number left has at most MAX_DIGITS digits
     text = re.sub(r"\bsiglo ([IVXLCDM]+)\b", lambda m: f"siglo {cardinal(_roman(m.group(1)))}", text)
 
     # Money: a sign or code before or after the amount.
