@@ -323,6 +323,13 @@ def test_batch_settings_are_checked() -> None:
         BACKENDS["f5tts"]({"F5TTS_MAX_BATCH": "0"})
     with pytest.raises(ValueError, match="F5TTS_BATCH_WINDOW_MS must be between"):
         BACKENDS["f5tts"]({"F5TTS_BATCH_WINDOW_MS": "-1"})
+    # The model download limits are read from the environment and checked the same way.
+    assert BACKENDS["f5tts"]({"F5TTS_MODEL_MAX_BYTES": "5000"}).model_max_bytes == 5000
+    assert BACKENDS["f5tts"]({"F5TTS_MODEL_DOWNLOAD_TIMEOUT_S": "30"}).model_download_timeout_s == 30
+    with pytest.raises(ValueError, match="F5TTS_MODEL_MAX_BYTES must be at least 1"):
+        BACKENDS["f5tts"]({"F5TTS_MODEL_MAX_BYTES": "0"})
+    with pytest.raises(ValueError, match="F5TTS_MODEL_DOWNLOAD_TIMEOUT_S must be above 0"):
+        BACKENDS["f5tts"]({"F5TTS_MODEL_DOWNLOAD_TIMEOUT_S": "-3"})
 
 
 def test_a_worker_runs_its_queued_tts_jobs_as_one_batch(

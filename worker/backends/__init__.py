@@ -32,6 +32,8 @@ def _f5tts(env: Mapping[str, str]) -> Backend:
         s3_endpoint_url=env.get("F5TTS_S3_ENDPOINT_URL") or env.get("GPUQ_S3_ENDPOINT_URL") or None,
         max_batch=_whole_number(env, "F5TTS_MAX_BATCH", 8),
         batch_window_ms=_whole_number(env, "F5TTS_BATCH_WINDOW_MS", 50),
+        model_max_bytes=_whole_number(env, "F5TTS_MODEL_MAX_BYTES", 20 * 10**9),
+        model_download_timeout_s=_whole_number(env, "F5TTS_MODEL_DOWNLOAD_TIMEOUT_S", 7200),
     )
 
 

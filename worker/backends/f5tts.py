@@ -188,6 +188,13 @@ class F5TTSBackend:
             raise ValueError(f"F5TTS_MAX_BATCH must be a whole number of at least 1, got {max_batch!r}")
         if not 0 <= batch_window_ms <= 10_000:
             raise ValueError(f"F5TTS_BATCH_WINDOW_MS must be between 0 and 10000, got {batch_window_ms!r}")
+        if model_max_bytes < 1:
+            raise ValueError(f"F5TTS_MODEL_MAX_BYTES must be at least 1, got {model_max_bytes!r}")
+        if not 0 < model_download_timeout_s <= 86400:
+            raise ValueError(
+                "F5TTS_MODEL_DOWNLOAD_TIMEOUT_S must be above 0 and at most 86400, "
+                f"got {model_download_timeout_s!r}"
+            )
         self.max_batch = max_batch
         self.batch_window_s = batch_window_ms / 1000
         self._batcher: Batcher | None = None
