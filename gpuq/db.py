@@ -236,7 +236,7 @@ def _record_user(pgdata: Path, pid: int) -> None:
     with _embedded_lock(pgdata):
         pids, starts = _read_users(pgdata)
         with contextlib.suppress(psutil.Error):  # gone already: listed all the same, dropped next time
-            starts[pid] = psutil.Process(pid).create_time()
+            starts[pid] = _started(psutil.Process(pid))
         _write_users(pgdata, pids if pid in pids else [*pids, pid], starts)
 
 
@@ -269,9 +269,18 @@ def _running(pid: int, started: float | None) -> bool:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(process.create_time() - started) < 1.0
+        # 1.5 s: the boot time psutil reads is whole seconds off the clock, and may move by one.
+        return started is None or abs(_started(process) - started) < 1.5
     except psutil.Error:
         return False
+
+
+def _started(process: Any) -> float:
+    """When `process` started, in seconds after boot: unlike its start by the clock, this does not move
+    when the clock is set."""
+    import psutil
+
+    return float(process.create_time() - psutil.boot_time())
 
 
 def database_url(settings: Settings) -> str:
