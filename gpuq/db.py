@@ -15,6 +15,8 @@ waits on other migrators' lock, a worker waits on LISTEN.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -119,20 +121,20 @@ def embedded_url(settings: Settings) -> str:
 
     pgserver keeps one server per data directory, with the pids of the processes using it in
     pgdata/.handle_pids.json, and stops it when the last of them exits. A process that died without
-    leaving (killed) would keep it running for ever, so dead pids are dropped on the way in and out.
+    leaving (killed) would keep it running for ever, so dead pids are dropped on the way in and out; a
+    pid now held by a process that started after the user recorded under it is dead too. That list is
+    changed only under one lock file beside pgdata, which pgserver takes as well (_get_server).
     """
-    quiet_runtime_dir_warning()  # pgserver's import asks platformdirs for the runtime dir
-    import pgserver  # imported here: only the embedded default needs it
-
     pgdata = embedded_pgdata(settings.data_dir)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     _drop_dead_users(pgdata)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = _get_server(pgdata)
+    _record_user(pgdata, os.getpid())
     # atexit runs last-registered first: this runs before pgserver's own exit hook, so that hook sees
     # only the users still alive, and stops the server when this process was the last.
     if pgdata not in _joined:
         _joined.add(pgdata)
-        atexit.register(_drop_dead_users, pgdata)
+        atexit.register(_leave, pgdata)
     return str(server.get_uri())
 
 
@@ -147,44 +149,138 @@ def share_embedded(data_dir: Path, pid: int) -> None:
     """Count process `pid` (a local worker this process started) as a user of the embedded server under
     `data_dir`, so the server outlives this process while the worker needs it. The worker joins it
     itself when it starts (embedded_url) and leaves it when it exits; this closes the gap before that."""
-    with _embedded_lock():
-        users = _users_file(embedded_pgdata(data_dir))
-        pids = json.loads(users.read_text()) if users.exists() else []
-        if pid not in pids:
-            users.write_text(json.dumps([*pids, pid]))
+    _record_user(embedded_pgdata(data_dir), pid)
+
+
+def _pgserver() -> Any:
+    quiet_runtime_dir_warning()  # pgserver's import asks platformdirs for the runtime dir
+    import pgserver.postgres_server  # imported here: only the embedded default needs it
+
+    return pgserver.postgres_server
+
+
+def _embedded_lock(pgdata: Path) -> Any:
+    """The lock around the list of users of the server at `pgdata`, for pgserver and for us.
+
+    pgserver's own lock file is under the user's runtime dir, which moves with XDG_RUNTIME_DIR: a cron
+    tick (unset) and a shell (set) would each take a different one. This one is beside pgdata, the same
+    for every process. One lock object per file: closing any handle on a file drops the process's lock."""
+    if pgdata not in _locks:
+        import fasteners
+
+        _locks[pgdata] = fasteners.InterProcessLock(pgdata.parent / "pgserver.lock")
+    return _locks[pgdata]
+
+
+_locks: dict[Path, Any] = {}
+
+
+@functools.cache
+def _server_class() -> type:
+    class EmbeddedServer(_pgserver().PostgresServer):  # type: ignore[misc, name-defined]
+        """pgserver's server with our lock in place of its own (it takes it to start, join and leave)."""
+
+        @property
+        def _lock(self) -> Any:
+            return _embedded_lock(self.pgdata)
+
+    return EmbeddedServer
+
+
+def _get_server(pgdata: Path) -> Any:
+    """pgserver.get_server(pgdata, cleanup_mode="stop"), with the lock beside pgdata."""
+    server_class = _server_class()
+    pgdata.mkdir(exist_ok=True)
+    known = server_class._instances.get(pgdata)  # pgserver's one handle per pgdata in this process
+    return known if known is not None else server_class(pgdata, cleanup_mode="stop")
 
 
 def _users_file(pgdata: Path) -> Path:
     return pgdata / ".handle_pids.json"  # pgserver 0.1.4's list of users (requirements.txt pins it)
 
 
-def _embedded_lock() -> Any:
-    from pgserver.postgres_server import PostgresServer  # the lock pgserver takes around that list
+def _starts_file(pgdata: Path) -> Path:
+    # Our own record beside pgserver's list (whose format holds only pids): when each user started, so a
+    # pid the system gave to a new process after the user died is not taken for the user.
+    return pgdata / ".gpuq_user_starts.json"
 
-    return PostgresServer._lock
+
+def _read_users(pgdata: Path) -> tuple[list[int], dict[int, float]]:
+    """The users' pids and their recorded start times, under the lock. A damaged list (a write cut
+    short) is rebuilt from our record rather than failing every command that needs the database."""
+    try:
+        starts = {int(p): float(t) for p, t in json.loads(_starts_file(pgdata).read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        starts = {}
+    users = _users_file(pgdata)
+    if not users.exists():
+        return [], starts
+    try:
+        pids = [int(p) for p in json.loads(users.read_text())]
+    except (ValueError, TypeError):
+        log.warning("%s is unreadable; rebuilding it from %s", users, _starts_file(pgdata).name)
+        pids = list(starts)
+        users.write_text(json.dumps(pids))
+    return pids, starts
+
+
+def _write_users(pgdata: Path, pids: list[int], starts: dict[int, float]) -> None:
+    _users_file(pgdata).write_text(json.dumps(pids))
+    kept = {str(p): starts[p] for p in pids if p in starts}
+    _starts_file(pgdata).write_text(json.dumps(kept))
+
+
+def _record_user(pgdata: Path, pid: int) -> None:
+    import psutil
+
+    with _embedded_lock(pgdata):
+        pids, starts = _read_users(pgdata)
+        with contextlib.suppress(psutil.Error):  # gone already: listed all the same, dropped next time
+            starts[pid] = _started(psutil.Process(pid))
+        _write_users(pgdata, pids if pid in pids else [*pids, pid], starts)
+
+
+def _leave(pgdata: Path) -> None:
+    """At exit, before pgserver's own hook takes this pid off the list: drop the dead users, and our
+    record (so that a later process given this pid is not checked against this one's start)."""
+    if not _users_file(pgdata).exists():
+        return
+    with _embedded_lock(pgdata):
+        pids, starts = _read_users(pgdata)
+        starts.pop(os.getpid(), None)
+        _write_users(pgdata, [p for p in pids if p == os.getpid() or _running(p, starts.get(p))], starts)
 
 
 def _drop_dead_users(pgdata: Path) -> None:
-    users = _users_file(pgdata)
-    if not users.exists():
+    if not _users_file(pgdata).exists():
         return
-    with _embedded_lock():
-        try:
-            pids = [int(p) for p in json.loads(users.read_text())]
-        except (OSError, ValueError):
-            return
-        alive = [p for p in pids if _running(p)]
+    with _embedded_lock(pgdata):
+        pids, starts = _read_users(pgdata)
+        alive = [p for p in pids if _running(p, starts.get(p))]
         if alive != pids:
-            users.write_text(json.dumps(alive))
+            _write_users(pgdata, alive, starts)
 
 
-def _running(pid: int) -> bool:
+def _running(pid: int, started: float | None) -> bool:
+    """Whether `pid` still runs as the process recorded with start time `started` (None: no record)."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # 1.5 s: the boot time psutil reads is whole seconds off the clock, and may move by one.
+        return started is None or abs(_started(process) - started) < 1.5
     except psutil.Error:
         return False
+
+
+def _started(process: Any) -> float:
+    """When `process` started, in seconds after boot: unlike its start by the clock, this does not move
+    when the clock is set."""
+    import psutil
+
+    return float(process.create_time() - psutil.boot_time())
 
 
 def database_url(settings: Settings) -> str:

@@ -148,8 +148,6 @@ class LocalProvider:
             except OSError as e:
                 raise ProviderError(f"local: cannot start the worker: {e}") from None
         self._children[proc.pid] = proc
-        if self.embedded_data_dir is not None:
-            share_embedded(self.embedded_data_dir, proc.pid)
         stat = _proc_stat(proc.pid)
         with self._state() as state:
             state[pid_name] = {
@@ -159,6 +157,17 @@ class LocalProvider:
                 "offer_id": offer.offer_id,
                 "started_at": time.time(),
             }
+        if self.embedded_data_dir is not None:
+            try:
+                share_embedded(self.embedded_data_dir, proc.pid)
+            except Exception as e:
+                # Not counted as a user, the worker could lose the server under it: stop it now.
+                _signal_group(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                self._children.pop(proc.pid, None)
+                self._forget(pid_name)
+                raise ProviderError(f"local: cannot share the embedded Postgres with the worker: {e}") from e
         log.info("local: started worker %s (pid %s)", pid_name, proc.pid)
         return pid_name
 

@@ -9,13 +9,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
 from gpuq.client import Client
 from manager.config import from_dict
 from manager.metrics import Metrics
-from manager.providers.base import LaunchSpec, OfferFilter
+from manager.providers.base import LaunchSpec, OfferFilter, ProviderError
 from manager.providers.local import WORKER_COMMAND, LocalProvider, _proc_stat
 from manager.tick import Manager, tick
 
@@ -160,3 +161,29 @@ def test_end_to_end_jobs_enqueued_workers_started_jobs_done_idle_workers_stopped
         for pid in pids:  # never leave a worker behind, whatever failed
             if alive(pid):
                 os.killpg(pid, 9)
+
+
+def test_a_damaged_list_of_embedded_users_does_not_stop_a_worker_starting(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    users = data_dir / "pgdata" / ".handle_pids.json"
+    users.parent.mkdir(parents=True)
+    users.write_text("[12")  # a write cut short
+    p = LocalProvider(tmp_path / "local", command=SLEEPER, slots=1, grace_s=1, embedded_data_dir=data_dir)
+    pid_name = p.create(p.search_offers(OfferFilter(interruptible=False, min_disk_gb=0))[0], spec())
+    try:
+        pid = int(json.loads(p.state_file.read_text())[pid_name]["pid"])
+        assert json.loads(users.read_text()) == [pid]  # rebuilt, and the worker counts as a user
+    finally:
+        p.destroy(pid_name)
+
+
+def test_a_worker_that_cannot_share_the_embedded_server_is_not_left_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()  # no pgdata: its list of users cannot be written
+    p = LocalProvider(tmp_path / "local", command=SLEEPER, slots=1, grace_s=1, embedded_data_dir=data_dir)
+    with pytest.raises(ProviderError, match="cannot share the embedded Postgres"):
+        p.create(p.search_offers(OfferFilter(interruptible=False, min_disk_gb=0))[0], spec())
+    left = [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+    assert [c.cmdline() for c in left if c.cmdline() == list(SLEEPER)] == []
+    assert p.list_instances("") == []
+    assert json.loads(p.state_file.read_text()) == {}
