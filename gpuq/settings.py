@@ -105,7 +105,8 @@ def data_dir_from_env(env: Mapping[str, str] = os.environ) -> tuple[Path, str]:
 
 def quiet_runtime_dir_warning() -> None:
     """platformdirs warns on every use when XDG_RUNTIME_DIR is unset (containers, cron, ssh without a
-    login session); its fallback is fine for gpuq (pgserver keeps a lock file there), so it is not shown."""
+    login session); pgserver still asks for it at import (a socket fallback for long pgdata paths, and a lock
+    that gpuq replaces with one beside pgdata: gpuq.db), so the warning says nothing a user can act on."""
     import platformdirs
 
     category = getattr(platformdirs, "RuntimeDirWarning", None)
