@@ -21,7 +21,7 @@ from manager.metrics import Metrics
 from manager.policy import Rent
 from manager.providers.base import LaunchSpec
 from manager.providers.vast import VastProvider
-from manager.tick import Manager, tick
+from manager.tick import Manager, TickResult, tick
 from tests.conftest import ADMIN_URL
 from tests.manager.conftest import VAST_KEY
 from tests.standins.vast_server import VastStandin
@@ -520,19 +520,27 @@ def test_metrics_forget_a_status_and_a_queue_that_are_gone(
     }
 
 
+def rent_one_then_idle(
+    db: Client, vast: VastProvider, standin: VastStandin
+) -> tuple[TickResult, dict[str, Any]]:
+    """A tick rents one instance for one job; the job is cancelled and the instance's worker registers
+    (idle). The rent tick's result and the instance's row (id, provider_instance_id)."""
+    standin.add_offer(dph_base=0.40, min_bid=0.2)
+    enqueue(db, 1)
+    rented = tick(manager(db, vast, settings_for(max_instances=1)))
+    (row,) = rows(db, "select id, provider_instance_id from gpuq.instances")
+    db.conn.execute("update gpuq.jobs set status = 'cancelled', finished_at = now()")
+    host(db, standin, row["provider_instance_id"])
+    return rented, row
+
+
 @pytest.mark.usefixtures("env")
 def test_rent_and_destroy_lines_name_the_instance_the_same_way(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
-    standin.add_offer(dph_base=0.40, min_bid=0.2)
-    enqueue(db, 1)
-    m = manager(db, vast, settings_for(max_instances=1))
-    rented = tick(m)
-    (row,) = rows(db, "select id, provider_instance_id from gpuq.instances")
+    rented, row = rent_one_then_idle(db, vast, standin)
     name = f"instance {row['id']} (vast:{row['provider_instance_id']})"
     assert any(line.startswith("rent offer") and line.endswith(f"-> {name}") for line in rented.lines)
-    db.conn.execute("update gpuq.jobs set status = 'cancelled', finished_at = now()")
-    host(db, standin, row["provider_instance_id"])  # its worker registers: idle
     db.conn.execute(
         "update gpuq.instances set created_at = now() - interval '2 hours', "
         "ready_at = now() - interval '1 hour', last_job_at = now() - interval '30 seconds'"
@@ -608,12 +616,7 @@ def test_prewarm_searches_and_rents_for_a_forecast_with_nothing_queued(
 def test_each_tick_books_idle_time_to_its_reason(
     db: Client, vast: VastProvider, standin: VastStandin
 ) -> None:
-    standin.add_offer(dph_base=0.40, min_bid=0.2)
-    enqueue(db, 1)
-    tick(manager(db, vast, settings_for(max_instances=1)))
-    (row,) = rows(db, "select id, provider_instance_id from gpuq.instances")
-    db.conn.execute("update gpuq.jobs set status = 'cancelled', finished_at = now()")
-    host(db, standin, row["provider_instance_id"])  # its worker registers: idle
+    _, row = rent_one_then_idle(db, vast, standin)
     db.conn.execute("update gpuq.manager_ticks set last_tick_at = now() - interval '30 seconds'")
     tick(manager(db, vast, settings_for(max_instances=1)))
     booked = rows(
