@@ -271,11 +271,14 @@ def _status(client: Client, ms: ManagerSettings, days: int, *, as_json: bool = F
         "spend_by_instance_24h": client.call(
             "select * from gpuq.spend_by_instance(now() - interval '1 day')"
         ),
-        # Every instance not running a job, with why it is billing (issue 12), and the forecast as text.
+        # Every instance not running a job, with why it is billing, and today's idle hours by reason.
         "idle_by_reason": idle_by_reason(client, ms.policy),
         "idle_today_by_reason": idle_hours(client, tz),
-        "cost_lines": status_lines(client, ms.policy),
     }
+    # ... and the same as text, with the forecast.
+    status["cost_lines"] = status_lines(
+        client, ms.policy, status["idle_by_reason"], status["idle_today_by_reason"]
+    )
     if as_json:
         print_json(status)
         return 0

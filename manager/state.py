@@ -243,34 +243,24 @@ def idle_hours(client: Client, budget_tz: str) -> list[dict[str, Any]]:
     )
 
 
-def idle_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """reason -> {instances, idle instance-minutes so far, $/h billing} over idle_by_reason's rows."""
-    summary: dict[str, dict[str, float]] = {}
-    for r in rows:
-        s = summary.setdefault(r["reason"], {"instances": 0, "minutes": 0.0, "dph": 0.0})
-        s["instances"] += 1
-        s["minutes"] += float(r["idle_s"]) / 60
-        s["dph"] += float(r["dph"] or 0)
-    return summary
-
-
-def status_lines(client: Client, policy: PolicySettings) -> list[str]:
-    """`manager status`'s cost section: the forecast per queue and every idle instance with its reason."""
+def status_lines(
+    client: Client, policy: PolicySettings, idle: list[dict[str, Any]], hours: list[dict[str, Any]]
+) -> list[str]:
+    """`manager status`'s cost section: the forecast per queue, today's idle hours by reason (`hours`,
+    idle_hours) and every instance not running a job with its reason (`idle`, idle_by_reason)."""
     now = client.call("select now() as t")[0]["t"]
     lines = []
     if policy.prewarm_s > 0:
         queues = with_forecasts(client, [], policy, now)
         lines += forecast_lines(queues, policy, now)
-    hours = idle_hours(client, policy.budget_tz)
     lines.append(f"idle today ({policy.budget_tz}) by reason  (select * from gpuq.idle_hours_by_reason(…))")
     lines += [
         f"  {r['reason']}: {float(r['hours']):.2f} instance-hours, ${float(r['usd']):.4f}, "
         f"{r['instances']} instance(s)"
         for r in hours
     ] or ["  none"]
-    rows = idle_by_reason(client, policy)
-    lines.append(f"not running a job: {len(rows)} instance(s)  (select * from gpuq.idle_by_reason())")
-    for r in rows:
+    lines.append(f"not running a job: {len(idle)} instance(s)  (select * from gpuq.idle_by_reason())")
+    for r in idle:
         lines.append(
             f"  instance {r['instance_id']} ({r['provider']}:{r['provider_instance_id'] or '?'}) "
             f"{r['status']}, {_secs(float(r['idle_s']))}, ${float(r['dph'] or 0):.3f}/h: {r['reason']}"

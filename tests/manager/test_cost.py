@@ -17,7 +17,14 @@ import pytest
 from gpuq.client import Client, new_secret, secret_hash
 from manager.config import from_dict
 from manager.policy import Window
-from manager.state import forecast_from, idle_by_reason, read_forecast, read_snapshot, status_lines
+from manager.state import (
+    forecast_from,
+    idle_by_reason,
+    idle_hours,
+    read_forecast,
+    read_snapshot,
+    status_lines,
+)
 from manager.tick import instance_name
 
 ROOT = Path(__file__).parent.parent.parent
@@ -115,7 +122,7 @@ def test_idle_by_reason_names_every_live_instance_not_running_a_job(client: Clie
     ).policy
     refined = {r["instance_id"]: r["reason"] for r in idle_by_reason(client, held)}
     assert refined[ids["idle"]].startswith("break-even hold")
-    text = "\n".join(status_lines(client, held))
+    text = "\n".join(status_lines(client, held, idle_by_reason(client, held), idle_hours(client, "UTC")))
     assert "not running a job: 3 instance(s)" in text
     assert f"instance {ids['idle']} (vast:p-idle) idle, 5 min" in text
 
