@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from manager.providers.vast import VastProvider
 from manager.tick import Manager, TickResult, tick
 from tests.conftest import ADMIN_URL
 from tests.manager.conftest import VAST_KEY
+from tests.manager.test_cost import finished_job
 from tests.standins.vast_server import VastStandin
 
 KEY = VAST_KEY  # the stand-in and the provider fixtures (conftest.py) use it
@@ -561,13 +563,7 @@ def test_dry_run_says_what_the_forecast_is(db: Client, vast: VastProvider, stand
     tick(m, dry_run=True)
     printed = "\n".join(m.echoed)  # type: ignore[attr-defined]
     assert "[dry-run] forecast tryon: no history yet, nothing pre-warmed" in printed
-    (job,) = enqueue(db, 1)
-    db.conn.execute(
-        "update gpuq.jobs set status = 'succeeded', created_at = now() - interval '1 day', "
-        "started_at = now() - interval '1 day', "
-        "finished_at = now() - interval '1 day' + interval '36 seconds' where id = %s",
-        (job,),
-    )
+    finished_job(db, "tryon", timedelta(days=1) - timedelta(seconds=36), 36.0)  # this hour yesterday
     m = manager(db, vast, settings_for(prewarm_s=2700))
     tick(m, dry_run=True)
     printed = "\n".join(m.echoed)  # type: ignore[attr-defined]
@@ -600,13 +596,7 @@ def test_prewarm_searches_and_rents_for_a_forecast_with_nothing_queued(
     # Nothing queued now, but yesterday this hour had work: pre-warming keeps one ready, so the tick must
     # search offers for it (it searched only for queued demand, and the forecast's rent never came).
     standin.add_offer(dph_base=0.40, min_bid=0.2)
-    (job,) = enqueue(db, 1)
-    db.conn.execute(
-        "update gpuq.jobs set status = 'succeeded', created_at = now() - interval '1 day', "
-        "started_at = now() - interval '1 day', "
-        "finished_at = now() - interval '1 day' + interval '36 seconds' where id = %s",
-        (job,),
-    )
+    finished_job(db, "tryon", timedelta(days=1) - timedelta(seconds=36), 36.0)  # this hour yesterday
     rented = tick(manager(db, vast, settings_for(max_instances=1, prewarm_s=2700)))
     assert any(line.startswith("rent offer") and "forecast" in line for line in rented.lines), rented.lines
     assert len(rows(db, "select id from gpuq.instances where terminated_at is null")) == 1
