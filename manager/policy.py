@@ -465,6 +465,12 @@ class _Plan:
         s = self.settings
         self.bills(inst.id, inst.dph, self.now + timedelta(seconds=s.drain_timeout_s + s.billing_lag_s))
 
+    def cold_stop(self, inst: InstanceView, reason: str) -> None:
+        """Stop an idle instance into the cold pool: its GPU stops billing now."""
+        self.actions.append(ColdStop(inst, reason))
+        self.acted.add(inst.id)
+        self.bills(inst.id, 0.0, self.now)
+
     def stop(self, inst: InstanceView, reason: str) -> None:
         """Scale an instance down the gentle way: destroy it when it has no job, else drain it."""
         if inst.busy:
@@ -713,22 +719,16 @@ def _scale_in(
         # The queue's last running instance is not stopped at cold_idle_s: a restart refused (its host
         # taken) falls back to a full boot, which a trickle queue's next job would wait for.
         last = sum(1 for i in pool if i.id not in plan.acted) <= 1
+        to_cold = f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}"
         if cold_ok and not last and idle_s >= min(s.cold_idle_s, policy.idle_timeout_s):
-            plan.actions.append(
-                ColdStop(inst, f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}")
-            )
-            plan.acted.add(inst.id)
-            plan.bills(inst.id, 0.0, now)
+            plan.cold_stop(inst, to_cold)
             surplus -= 1
         elif idle_s >= policy.idle_timeout_s:
             if _worth_holding(plan, snap, inst, held + 1):
                 held += 1
                 continue
             if cold_ok:
-                why = f"stop {_name(inst)} into the cold pool: idle {_duration(idle_s)}, {status}"
-                plan.actions.append(ColdStop(inst, why))
-                plan.acted.add(inst.id)
-                plan.bills(inst.id, 0.0, now)
+                plan.cold_stop(inst, to_cold)
             else:
                 plan.destroy(
                     inst, f"destroy {inst.id}: idle {_duration(idle_s)}, {status}", release_jobs=False
