@@ -18,7 +18,7 @@ import psycopg
 
 from gpuq.client import Client, open_client
 from gpuq.db import set_deadline
-from gpuq.output import FAILED, UNREACHABLE, CommandError, print_json, print_table
+from gpuq.output import FAILED, UNREACHABLE, CommandError, one_line, print_json, print_table
 from gpuq.settings import Settings
 from manager import simulate
 from manager.config import ManagerSettings
@@ -166,7 +166,7 @@ def _open(settings: Settings, ms: ManagerSettings, stop: threading.Event | None)
                 raise
             return client
         except psycopg.OperationalError as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = one_line(e) or type(e).__name__
             if stop is None:
                 raise CommandError(f"cannot reach the database: {why}", UNREACHABLE) from None
             log.warning("database unreachable (%s); trying again in %.0f s", why, delay)

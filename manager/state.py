@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from gpuq.client import Client, GpuqError
+from gpuq.output import one_line
 from manager.policy import (
     InstanceState,
     InstanceView,
@@ -140,7 +141,7 @@ def read_forecast(client: Client, at: datetime) -> dict[str, tuple[float, float,
         rows = client.call("select * from gpuq.queue_forecast(%s)", (at,))
     except (GpuqError, psycopg.ProgrammingError) as exc:
         # A forecast only adds pre-warming: without one the tick must still run its caps and idle timeouts.
-        log.warning("no forecast this tick (pre-warming skipped): %s", str(exc).strip().splitlines()[0])
+        log.warning("no forecast this tick (pre-warming skipped): %s", one_line(exc))
         return {}
     return {r["queue"]: (float(r["jobs"]), float(r["busy_s"]), int(r["days"])) for r in rows}
 
@@ -231,7 +232,7 @@ def record_idle(client: Client, policy: PolicySettings, tick_seconds: float) -> 
             ),
         )
     except (GpuqError, psycopg.ProgrammingError) as exc:
-        log.warning("idle time not recorded this tick: %s", str(exc).strip().splitlines()[0])
+        log.warning("idle time not recorded this tick: %s", one_line(exc))
 
 
 def idle_hours(client: Client, budget_tz: str) -> list[dict[str, Any]]:
