@@ -53,6 +53,7 @@ from manager import credentials
 from manager.config import ManagerSettings, check_host_env
 from manager.providers.base import LaunchSpec, Offer, ProviderError
 from worker import workflows
+from worker.backends.model_files import sha256_of
 
 log = logging.getLogger("gpuq.bootstrap")
 
@@ -292,7 +293,7 @@ def fetch_model(
     if dest.is_file():
         if note.is_file() and note.read_text().strip() == model.sha256:
             return False
-        if _sha256_of(dest) == model.sha256:
+        if sha256_of(dest) == model.sha256:
             note.write_text(model.sha256)
             return False
         log.warning("%s is not the pinned file (sha256 differs); downloading it again", dest)
@@ -308,7 +309,7 @@ def fetch_model(
                 raise ModelError(f"downloading {model.name} from {model.url}: {e}") from None
             log.warning("downloading %s: %s; resuming in %gs", model.name, e, retry_pause_s * attempt)
             time.sleep(retry_pause_s * attempt)
-    got = _sha256_of(part)
+    got = sha256_of(part)
     if got != model.sha256:
         part.unlink()
         raise ModelError(f"{model.url} gave {model.name} with sha256 {got}, not the pinned {model.sha256}")
@@ -328,14 +329,6 @@ def _download(url: str, part: Path, chunk: int) -> None:
         with part.open("ab" if have and r.status_code == 206 else "wb") as f:
             for data in r.iter_content(chunk):
                 f.write(data)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while data := f.read(1 << 20):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def fetch_models(comfy_dir: Path, names: list[str], directory: Path) -> None:
