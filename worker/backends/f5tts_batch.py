@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,8 @@ class Batcher:
         self._arrived: float | None = None  # when the oldest pending row came
         self._preparing = 0  # jobs in run() that have not yet been handed over
         self._closed = False
-        self.batches: list[dict[str, Any]] = []  # per forward pass: rows, jobs, steps run, abandoned
+        # The latest forward passes (rows, jobs, steps run, abandoned): bounded, a worker runs for weeks.
+        self.batches: deque[dict[str, Any]] = deque(maxlen=100)
         # The packaged configs turn the attention mask off (it costs memory with torch's attention): without
         # it a short row attends to the padding after it. Batches of several rows need it; one row has none.
         for block in tts.ema_model.transformer.transformer_blocks:
