@@ -481,10 +481,6 @@ class SimReport:
     def lower_bound_per_job(self) -> float:
         return self.lower_bound / self.jobs if self.jobs else 0.0
 
-    @property
-    def overhead_cost(self) -> float:
-        return self.cost - self.busy_cost
-
 
 class Simulation:
     def __init__(
